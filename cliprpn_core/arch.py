@@ -1,0 +1,298 @@
+"""CLIP-RPN network: pattern head, expert router, mask estimator, mask-guided cross-attention
+restorer with routed expert sub-networks. Plain PyTorch.
+
+Shapes: images are [B, 3, H, W] in 0..1 with H, W multiples of ``config.pad_multiple``
+(``inference.py`` pads). Nothing in the restorer pools over the whole image, so tiled inference
+matches untiled inference once the tile overlap covers the receptive field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPRPNConfig
+from .patterns import NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
+
+
+class LayerNorm2d(nn.Module):
+    """Per-pixel layer norm over channels, computed in fp32 for fp16/bf16 safety."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        # layer_norm over the last dim of an NHWC view: one fused kernel, fast with channels_last
+        y = F.layer_norm(x.permute(0, 2, 3, 1).float(), x.shape[1:2], self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+class Block(nn.Module):
+    """NAFNet-style gated block without global channel attention (keeps tiling exact)."""
+
+    def __init__(self, c: int, expand: int = 2):
+        super().__init__()
+        h = c * expand
+        self.norm1 = LayerNorm2d(c)
+        self.pw1 = nn.Conv2d(c, h, 1)
+        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h)
+        self.pw2 = nn.Conv2d(h // 2, c, 1)
+        self.norm2 = LayerNorm2d(c)
+        self.ffn1 = nn.Conv2d(c, h, 1)
+        self.ffn2 = nn.Conv2d(h // 2, c, 1)
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        y = self.dw(self.pw1(self.norm1(x)))
+        a, b = y.chunk(2, 1)
+        x = x + self.pw2(a * b) * self.beta
+        a, b = self.ffn1(self.norm2(x)).chunk(2, 1)
+        return x + self.ffn2(a * b) * self.gamma
+
+
+def _blocks(c: int, n: int, expand: int) -> nn.Sequential:
+    return nn.Sequential(*[Block(c, expand) for _ in range(n)])
+
+
+class PatternHead(nn.Module):
+    """CLIP-free rain-pattern classifier: predicts the same per-attribute distribution as the CLIP
+    perceiver from a downscaled copy of the image plus its high-pass residual (rain is high
+    frequency)."""
+
+    def __init__(self, width: int = 32, size: int = 256):
+        super().__init__()
+        self.size = size
+        w = width
+        layers = []
+        cin = 6
+        for i, cout in enumerate((w, w, 2 * w, 2 * w, 4 * w)):
+            layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.GELU()]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(2 * cin, 2 * cin), nn.GELU(), nn.Linear(2 * cin, PATTERN_DIM))
+
+    def forward(self, x):
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", align_corners=False,
+                          antialias=True).to(self.fc[0].weight.dtype)
+        hp = x - F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+        f = self.features(torch.cat([x, hp * 4], 1))
+        f = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
+        return self.fc(f)  # logits [B, PATTERN_DIM]
+
+
+def pattern_probs(logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per-attribute softmax of concatenated logits."""
+    return torch.cat([c.float().mul(scale).softmax(-1) for c in logits.split(list(NUM_CLASSES), -1)], -1)
+
+
+class ExpertRouter(nn.Module):
+    """Pattern probabilities -> expert weights (top-k, temperature, manual override).
+
+    Starts from an interpretable prior mapping and learns a correction on top of it.
+    Experts whose weight is zero for an image are not executed for that image."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        prior = prior_routing_matrix()[:, :num_experts]
+        self.register_buffer("prior", prior, persistent=False)
+        self.linear = nn.Linear(PATTERN_DIM, num_experts)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.num_experts = num_experts
+
+    def logits(self, probs: torch.Tensor) -> torch.Tensor:
+        probs = probs.float()
+        return 4.0 * probs @ self.prior.to(probs) + self.linear(probs.to(self.linear.weight.dtype)).float()
+
+    def forward(self, probs: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
+                override: int | None = None) -> torch.Tensor:
+        """Returns expert weights [B, E] that sum to one per row, zeros outside the top-k."""
+        return route(self.logits(probs), top_k=top_k, temperature=temperature, override=override)
+
+
+def route(logits: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
+          override: int | None = None) -> torch.Tensor:
+    b, e = logits.shape
+    if override is not None:
+        if not 0 <= override < e:
+            raise ValueError(f"expert override {override} is out of range: this model has {e} experts (0..{e - 1})")
+        w = torch.zeros_like(logits, dtype=torch.float32)
+        w[:, override] = 1.0
+        return w
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k = max(1, min(int(top_k), e))
+    top, idx = logits.float().topk(k, dim=-1)
+    w = torch.zeros_like(logits, dtype=torch.float32)
+    w.scatter_(1, idx, (top / temperature).softmax(-1))
+    return w
+
+
+class MaskEstimator(nn.Module):
+    """Multi-scale rain masks from the encoder features: one logit map per level, fused at full
+    resolution. Returns (fused logits, [per-level logits])."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Conv2d(w, 1, 3, padding=1) for w in widths])
+        self.fuse = nn.Conv2d(len(widths), 1, 1)
+
+    def forward(self, feats):
+        full = feats[0].shape[-2:]
+        per = [h(f) for h, f in zip(self.heads, feats)]
+        up = [p if p.shape[-2:] == full else F.interpolate(p, size=full, mode="bilinear", align_corners=False)
+              for p in per]
+        return self.fuse(torch.cat(up, 1)) + up[0], per
+
+
+class MaskGuidedCrossAttention(nn.Module):
+    """Rainy-region features attend to clean-region context.
+
+    Keys/values are tokens pooled over cells of ``cell``x``cell`` pixels, weighted by how clean
+    each pixel is (1 - mask); every pixel queries the ``window``x``window`` tokens around its cell,
+    with a log-cleanliness bias so that clean cells dominate. The result enters the feature map
+    gated by the mask. Cost is linear in pixel count: HW x window^2 per head.
+    """
+
+    def __init__(self, c: int, heads: int, cell: int, window: int):
+        super().__init__()
+        self.heads, self.cell, self.window = heads, cell, window
+        self.norm = LayerNorm2d(c)
+        self.q = nn.Conv2d(c, c, 1)
+        self.kv = nn.Conv2d(c, 2 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        self.gate = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x, mask):
+        b, c, h, w = x.shape
+        s, n, hd = self.cell, self.window, self.heads
+        d = c // hd
+        if h % s or w % s:
+            raise ValueError(f"feature size {h}x{w} is not a multiple of the attention cell {s}")
+        Y, X = h // s, w // s
+        y = self.norm(x)
+        clean = (1.0 - mask.float()).clamp_min(0) + 1e-3  # [b,1,h,w]
+        kv = self.kv(y).float()
+        wsum = F.avg_pool2d(clean, s)  # [b,1,Y,X]
+        tok = F.avg_pool2d(kv * clean, s) / wsum  # clean-weighted mean per cell
+        pad = n // 2
+        tok = F.unfold(tok, n, padding=pad).view(b, 2 * c, n * n, Y, X)
+        bias = F.unfold(wsum.log(), n, padding=pad).view(b, 1, n * n, Y, X)
+        valid = F.unfold(torch.ones_like(wsum), n, padding=pad).view(b, 1, n * n, Y, X)
+        bias = bias.masked_fill(valid < 0.5, float("-inf"))
+        k, v = tok.view(b, 2, hd, d, n * n, Y, X).unbind(1)
+        q = self.q(y).float().view(b, hd, d, Y, s, X, s)
+        logits = torch.einsum("bhdyixj,bhdnyx->bhnyixj", q, k) / math.sqrt(d)
+        attn = (logits + bias.view(b, 1, n * n, Y, 1, X, 1)).softmax(2)
+        out = torch.einsum("bhnyixj,bhdnyx->bhdyixj", attn, v).reshape(b, c, h, w).to(x.dtype)
+        return x + self.proj(out) * mask.to(x.dtype) * self.gate
+
+
+class Expert(nn.Module):
+    """One specialised sub-network: bottleneck blocks plus refinement blocks one level up."""
+
+    def __init__(self, cfg: CLIPRPNConfig):
+        super().__init__()
+        c = cfg.widths[-1]
+        self.body = _blocks(c, cfg.expert_blocks, cfg.ffn_expand)
+        self.refine = _blocks(cfg.widths[-2], cfg.expert_dec_blocks, cfg.ffn_expand)
+
+    def forward(self, bottom, up, skip):
+        return self.refine(up(self.body(bottom)) + skip)
+
+
+@dataclass
+class CLIPRPNOutput:
+    image: torch.Tensor  # [B,3,H,W] restored (not clamped during training)
+    mask_logits: torch.Tensor  # [B,1,H,W] fused rain-mask logits
+    mask_pyramid: list  # per-level logits
+    routing: torch.Tensor  # [B,E] expert weights used
+    pattern_logits: torch.Tensor | None  # pattern head logits when it ran
+
+
+class CLIPRPN(nn.Module):
+    """The whole model. ``forward`` = pattern head -> router -> encoder -> masks -> MGCA ->
+    routed experts -> decoder. Routing/perception can be supplied from outside (CLIP, a node)."""
+
+    def __init__(self, config: CLIPRPNConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or CLIPRPNConfig()
+        W = cfg.widths
+        self.pattern_head = PatternHead(cfg.head_width, cfg.head_size)
+        self.router = ExpertRouter(cfg.num_experts)
+        self.intro = nn.Conv2d(cfg.in_channels, W[0], 3, padding=1)
+        self.encoders = nn.ModuleList([_blocks(W[i], cfg.enc_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
+        self.downs = nn.ModuleList([nn.Conv2d(W[i], W[i + 1], 2, stride=2) for i in range(len(W) - 1)])
+        self.middle = _blocks(W[-1], cfg.middle_blocks, cfg.ffn_expand)
+        self.mask_estimator = MaskEstimator(W)
+        self.mgca = MaskGuidedCrossAttention(W[-1], cfg.attn_heads, cfg.attn_cell, cfg.attn_window)
+        self.ups = nn.ModuleList([nn.Sequential(nn.Conv2d(W[i + 1], W[i] * 4, 1), nn.PixelShuffle(2))
+                                  for i in range(len(W) - 1)])
+        self.decoders = nn.ModuleList([_blocks(W[i], cfg.dec_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
+        self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.num_experts)])
+        self.outro = nn.Conv2d(W[0], cfg.in_channels, 3, padding=1)
+
+    # -- pieces usable on their own -------------------------------------------------------
+    def perceive(self, x: torch.Tensor) -> torch.Tensor:
+        """Pattern-head logits [B, PATTERN_DIM] (CLIP-free perception)."""
+        return self.pattern_head(x)
+
+    def encode(self, x):
+        feats = []
+        h = self.intro(x)
+        for enc, down in zip(self.encoders, self.downs):
+            h = enc(h)
+            feats.append(h)
+            h = down(h)
+        h = self.middle(h)
+        feats.append(h)
+        return feats
+
+    def estimate_mask(self, x):
+        """Fused rain-mask logits at the (padded) input resolution."""
+        return self.mask_estimator(self.encode(x))[0]
+
+    def restore(self, x, routing, mask=None):
+        """Restore with given expert weights [B,E]. ``mask`` (0..1, [B,1,H,W]) overrides the
+        estimated one in the cross-attention."""
+        feats = self.encode(x)
+        mask_logits, pyramid = self.mask_estimator(feats)
+        bottom = feats[-1]
+        if mask is None:
+            m = torch.sigmoid(pyramid[-1].float())
+        else:
+            m = F.adaptive_avg_pool2d(mask.float(), bottom.shape[-2:])
+        bottom = self.mgca(bottom, m)
+        skip = feats[-2]
+        h = torch.zeros_like(skip)
+        routing = routing.to(x.device)
+        for e, expert in enumerate(self.experts):
+            idx = (routing[:, e] > 0).nonzero().flatten()
+            if idx.numel() == 0:
+                continue  # not routed to: never executed
+            if idx.numel() == x.shape[0]:
+                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * expert(bottom, self.ups[-1], skip)
+            else:
+                y = expert(bottom[idx], self.ups[-1], skip[idx])
+                h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
+        n = len(self.decoders)
+        h = self.decoders[n - 1](h)
+        for i in range(n - 2, -1, -1):
+            h = self.decoders[i](self.ups[i](h) + feats[i])
+        return x + self.outro(h), mask_logits, pyramid
+
+    def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
+                mask=None) -> CLIPRPNOutput:
+        if routing is None:
+            if pattern_logits is None:
+                pattern_logits = self.perceive(x)
+            routing = self.router(pattern_probs(pattern_logits), top_k, temperature, override)
+        img, ml, pyr = self.restore(x, routing, mask)
+        return CLIPRPNOutput(img, ml, pyr, routing, pattern_logits)

@@ -1,0 +1,78 @@
+"""The one configuration object of a CLIP-RPN model. It is stored in every checkpoint."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .patterns import EXPERTS
+
+FORMAT_NAME = "clip-rpn"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CLIPRPNConfig:
+    in_channels: int = 3
+    widths: tuple[int, ...] = (24, 48, 96)  # one per level; level i runs at 1/2**i resolution
+    enc_blocks: tuple[int, ...] = (1, 1)  # blocks per encoder level above the bottleneck
+    dec_blocks: tuple[int, ...] = (1, 1)  # blocks per decoder level above the bottleneck
+    middle_blocks: int = 2  # shared bottleneck blocks, before the experts
+    num_experts: int = len(EXPERTS)
+    expert_blocks: int = 2  # blocks per expert sub-network (bottleneck)
+    expert_dec_blocks: int = 1  # per-expert refinement blocks at the level above the bottleneck
+    ffn_expand: int = 2
+    attn_heads: int = 4
+    attn_cell: int = 4  # bottleneck pixels per side pooled into one clean-context token
+    attn_window: int = 3  # each query attends to the window x window tokens around its cell
+    head_width: int = 32  # CLIP-free pattern head
+    head_size: int = 256  # pattern head sees the image resized to this square
+
+    def __post_init__(self):
+        n = len(self.widths)
+        if n < 2:
+            raise ValueError("widths needs at least two levels")
+        if len(self.enc_blocks) != n - 1 or len(self.dec_blocks) != n - 1:
+            raise ValueError(
+                f"enc_blocks and dec_blocks need {n - 1} entries for {n} widths, "
+                f"got {self.enc_blocks} and {self.dec_blocks}"
+            )
+        if self.num_experts < 1:
+            raise ValueError("num_experts must be at least 1")
+        for w in self.widths:
+            if w % self.attn_heads:
+                raise ValueError(f"width {w} is not divisible by attn_heads={self.attn_heads}")
+        if self.attn_window % 2 != 1:
+            raise ValueError("attn_window must be odd")
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Input sides are padded to this multiple (downsampling times the attention cell)."""
+        return self.scale_factor * self.attn_cell
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPRPNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)} (written by a newer CLIP-RPN?)")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "CLIPRPNConfig":
+        return cls.from_dict(json.loads(s))
+
+
+def tiny_config(**over) -> CLIPRPNConfig:
+    """A very small config for tests and smoke runs (random weights: never a real model)."""
+    base = dict(widths=(8, 16), enc_blocks=(1,), dec_blocks=(1,), middle_blocks=1, expert_blocks=1,
+                expert_dec_blocks=1, attn_heads=2, attn_cell=2, head_width=8, head_size=32)
+    base.update(over)
+    return CLIPRPNConfig(**base)

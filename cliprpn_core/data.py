@@ -1,0 +1,156 @@
+"""Training data: paired folders (rain/ + gt/ with name mapping), synthetic rain over folders
+of clean photos, and mixtures. Images are decoded once and kept in memory as uint8; batches of
+random crops and flips are cut on the training device, so the GPU never waits on a loader.
+Nothing is read from the internet."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .imageio import IMAGE_EXTS, list_images, load_rgb_uint8
+from .synthesis import RainSample, synthesize
+
+HEAVY_HINTS = ("heavy", "rain200h", "raintrainh", "h_", "rain1400", "rain13k")
+
+
+def pair_files(root, rain_dir="rain", gt_dir="gt") -> list[tuple[Path, Path]]:
+    """(rainy, clean) pairs under root/rain and root/gt. Names map exactly, or by stem, or by
+    the common 'rain-123.png' / 'norain-123.png' and 'x_rain.png' / 'x.png' conventions."""
+    root = Path(root)
+    rd, gd = root / rain_dir, root / gt_dir
+    if not rd.is_dir() or not gd.is_dir():
+        raise FileNotFoundError(f"paired folder {root} needs '{rain_dir}/' and '{gt_dir}/' sub-folders")
+    gts = {p.name: p for p in gd.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    by_stem = {p.stem: p for p in gts.values()}
+    pairs = []
+    for r in sorted(p for p in rd.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        cands = [r.name, r.stem, r.stem.replace("rain-", "norain-"), r.stem.replace("_rain", ""),
+                 r.stem.replace("rain", "norain", 1)]
+        g = next((gts.get(c) or by_stem.get(c) for c in cands if (gts.get(c) or by_stem.get(c))), None)
+        if g is not None:
+            pairs.append((r, g))
+    if not pairs:
+        raise FileNotFoundError(f"no rain/gt pairs with matching names under {root}")
+    return pairs
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # uint8 [3,H,W]
+
+
+def _random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners=None):
+    """n crops of size x size (random rescale, flips) from a list of uint8 [3,H,W] tensors."""
+    out, out_p = [], []
+    for _ in range(n):
+        i = int(torch.randint(len(images), (1,), generator=gen))
+        img = images[i]
+        s = scale_range[0] + (scale_range[1] - scale_range[0]) * float(torch.rand((), generator=gen))
+        h, w = img.shape[-2:]
+        cs = min(int(round(size / s)), h, w)
+        y = int(torch.randint(h - cs + 1, (1,), generator=gen))
+        x = int(torch.randint(w - cs + 1, (1,), generator=gen))
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        pieces = [img] + ([partners[i]] if partners is not None else [])
+        crops = []
+        for p in pieces:
+            c = p[:, y:y + cs, x:x + cs].to(device, non_blocking=True).float().div_(255)[None]
+            if cs != size:
+                c = F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if flip:
+                c = c.flip(-1)
+            crops.append(c)
+        out.append(crops[0])
+        if partners is not None:
+            out_p.append(crops[1])
+    x = torch.cat(out)
+    return (x, torch.cat(out_p)) if partners is not None else x
+
+
+class SyntheticSource:
+    """Synthetic labelled rain over clean photos (folders searched recursively)."""
+
+    def __init__(self, folders, min_side=96, regime_probs=(0.5, 0.25, 0.1, 0.15)):
+        files = []
+        for f in [folders] if isinstance(folders, (str, Path)) else folders:
+            f = Path(f)
+            files += sorted(p for p in f.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if f.is_dir() else list_images(f)
+        self.images = [_to_tensor(a) for a in (load_rgb_uint8(p) for p in files) if min(a.shape[:2]) >= min_side]
+        if not self.images:
+            raise FileNotFoundError(f"no clean images of at least {min_side}px in {folders}")
+        self.regime_probs = regime_probs
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        clean = _random_crops(self.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        return synthesize(clean, gen, probs=self.regime_probs)
+
+
+class PairedSource:
+    """Real rain/gt pairs. Labels: expert and form from the folder/name hints (heavy vs light),
+    orientation from the rain layer's structure tensor; a mask from the rain layer."""
+
+    def __init__(self, roots, min_side=96):
+        pairs = []
+        for r in [roots] if isinstance(roots, (str, Path)) else roots:
+            pairs += pair_files(r)
+        self.rain, self.gt, self.heavy = [], [], []
+        for rp, gp in pairs:
+            a, b = load_rgb_uint8(rp), load_rgb_uint8(gp)
+            if a.shape != b.shape:
+                raise ValueError(f"pair {rp.name}: rainy {a.shape} and clean {b.shape} differ in size")
+            if min(a.shape[:2]) < min_side:
+                continue
+            self.rain.append(_to_tensor(a))
+            self.gt.append(_to_tensor(b))
+            name = str(rp).lower()
+            self.heavy.append(any(h in name for h in HEAVY_HINTS) and "rain200l" not in name)
+        if not self.rain:
+            raise FileNotFoundError(f"no pairs of at least {min_side}px under {roots}")
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        idx_gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
+        # draw the indices first so heavy/light labels follow the crops
+        state = idx_gen.get_state()
+        picks = [int(torch.randint(len(self.rain), (1,), generator=idx_gen)) for _ in range(n)]
+        idx_gen.set_state(state)
+        rainy, clean = _random_crops(self.rain, n, size, idx_gen, device, partners=self.gt)
+        heavy = torch.tensor([self.heavy[i] for i in picks])
+        layer = (rainy - clean).mean(1, keepdim=True)
+        mask = (layer > 0.03).float() * 0.5 + 0.5 * layer.clamp(0, 1)
+        ori = orientation_class(layer)
+        dens = torch.where(heavy, 2, 0)
+        labels = torch.stack([dens, ori.cpu(), torch.where(heavy, 2, 0), torch.where(heavy, 1, 0)], 1).long()
+        expert = torch.where(heavy, 1, 0).long()
+        return RainSample(rainy, clean, mask, labels.to(device), expert.to(device))
+
+
+def orientation_class(layer: torch.Tensor, deg: float = 7.0) -> torch.Tensor:
+    """Dominant streak direction of a rain layer [B,1,H,W] from its structure tensor:
+    0 vertical, 1 slanted left (falling to the left), 2 slanted right."""
+    gx = layer[..., 1:-1, 2:] - layer[..., 1:-1, :-2]  # central differences: same sample points
+    gy = layer[..., 2:, 1:-1] - layer[..., :-2, 1:-1]
+    jxx, jyy, jxy = (gx * gx).mean((1, 2, 3)), (gy * gy).mean((1, 2, 3)), (gx * gy).mean((1, 2, 3))
+    # gradient orientation is perpendicular to the streaks
+    phi = 0.5 * torch.atan2(2 * jxy, jxx - jyy)  # angle of dominant gradient from the x axis
+    ang = torch.rad2deg(phi)  # streak angle from vertical: + when falling to the right (y down)
+    ang = -ang
+    return torch.where(ang > deg, 2, torch.where(ang < -deg, 1, 0))
+
+
+class MixtureSource:
+    """Draw each batch from one of several sources with given probabilities."""
+
+    def __init__(self, sources, weights):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("MixtureSource needs one weight per source")
+        self.sources = sources
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        counts = torch.bincount(torch.multinomial(self.weights, n, replacement=True, generator=gen),
+                                minlength=len(self.sources)).tolist()
+        parts = [s.batch(c, size, gen, device) for s, c in zip(self.sources, counts) if c > 0]
+        return RainSample(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("rainy", "clean", "mask", "labels", "expert")))

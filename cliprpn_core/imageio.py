@@ -1,0 +1,89 @@
+"""Image files <-> tensors. 8-bit PNG out, as the evaluation protocol requires."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class ImageReadError(ValueError):
+    pass
+
+
+def list_images(inputs) -> list[Path]:
+    """Files and folders (non-recursive) -> sorted image paths. Raises for an input that does not
+    exist or a folder without images."""
+    out = []
+    for inp in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return out
+
+
+def read_image(path) -> torch.Tensor:
+    """File -> float tensor [C,H,W] in 0..1 (C = 1, 3 or 4 as stored; palette/16-bit converted)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"{path}: file is empty (0 bytes)")
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I"):
+                a = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode != "I" else max(1.0, float(np.asarray(im).max())))
+                return torch.from_numpy(a)[None].clamp(0, 1)
+            if im.mode not in ("L", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+            a = np.array(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({e})") from e
+    t = torch.from_numpy(a).float().div_(255)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """[C,H,W] 0..1 -> HWC (or HW) uint8, rounded as the protocol expects."""
+    a = img.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    a = a.permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def atomic_write_bytes(path, write_fn):
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(img: torch.Tensor, path, fmt: str | None = None):
+    """Save [C,H,W] 0..1 as 8-bit image (PNG unless the suffix says otherwise), atomically."""
+    a = to_uint8(img)
+    im = Image.fromarray(a)
+    fmt = fmt or (Path(path).suffix.lstrip(".").upper() or "PNG")
+    fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
+    atomic_write_bytes(path, lambda tmp: im.save(tmp, format=fmt))
+
+
+def load_rgb_uint8(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,270 @@
+"""Inference for any size and batch: channel handling, validation, padding, feathered tiling,
+per-image perception and routing, fp32/fp16/bf16. Used by the CLI, the nodes and batch jobs."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .arch import CLIPRPN, pattern_probs
+
+MIN_SIDE = 8
+AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 32
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA GPUs that support it, else fp16 on CUDA, else fp32."""
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class DerainResult:
+    images: torch.Tensor  # [B,C,H,W], same channels as the input, 0..1
+    masks: torch.Tensor  # [B,1,H,W] rain mask 0..1
+    pattern: torch.Tensor  # [B,PATTERN_DIM] per-attribute probabilities
+    routing: torch.Tensor  # [B,E] expert weights
+    perceived_by: str  # "clip:<model>", "pattern-head" or "given"
+    seconds: float
+
+
+def check_images(x: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """Validate a [B,C,H,W] (or [C,H,W]) 0..1 batch; returns [B,C,H,W] float32."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be [B,C,H,W] or [C,H,W], got shape {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    if b == 0:
+        raise ValueError(f"{what} batch is empty")
+    if c not in (1, 2, 3, 4):
+        raise ValueError(f"{what} has {c} channels; CLIP-RPN takes 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA). "
+                         "Convert it to RGB first")
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ValueError(f"{what} is {w}x{h} pixels; CLIP-RPN needs at least {MIN_SIDE}x{MIN_SIDE}. "
+                         "Upscale it or use a larger crop")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or Inf values; fix the upstream node or file that produced it")
+    return x
+
+
+def split_channels(x):
+    """-> (rgb [B,3,H,W], alpha or None, original channel count)."""
+    c = x.shape[1]
+    if c in (1, 2):
+        return x[:, :1].expand(-1, 3, -1, -1), (x[:, 1:2] if c == 2 else None), c
+    return x[:, :3], (x[:, 3:4] if c == 4 else None), c
+
+
+def merge_channels(rgb, alpha, c):
+    if c in (1, 2):
+        g = rgb.mean(1, keepdim=True)
+        return g if c == 1 else torch.cat([g, alpha], 1)
+    return rgb if c == 3 else torch.cat([rgb, alpha], 1)
+
+
+def _pad_to(x, m):
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x
+
+
+def _starts(n, t, stride):
+    if n <= t:
+        return [0]
+    s = list(range(0, n - t, stride))
+    return s + [n - t]
+
+
+def _ramp(n, ov, lo_edge, hi_edge, device):
+    w = torch.ones(n, device=device)
+    if ov > 0:
+        r = (torch.arange(ov, device=device, dtype=torch.float32) + 0.5) / ov
+        if not lo_edge:
+            w[:ov] = torch.minimum(w[:ov], r)
+        if not hi_edge:
+            w[-ov:] = torch.minimum(w[-ov:], r.flip(0))
+    return w
+
+
+def tile_grid(h, w, tile, overlap, multiple):
+    """Tile origins on the ``multiple`` grid (keeps attention cells aligned with the untiled run)."""
+    t = max(multiple, (tile // multiple) * multiple)
+    ov = min(max(0, (overlap + multiple - 1) // multiple * multiple), t - multiple)
+    stride = t - ov
+    return t, ov, [(y, x) for y in _starts(h, t, stride) for x in _starts(w, t, stride)]
+
+
+def run_tiled(fn: Callable, x: torch.Tensor, tile: int | None, overlap: int, multiple: int,
+              out_channels: tuple[int, ...], progress: Callable | None = None):
+    """Apply ``fn(tile) -> tuple of [B,c,th,tw]`` over feathered overlapping tiles of a padded
+    batch. ``tile=None`` or a tile covering the image runs once."""
+    b, _, h, w = x.shape
+    if not tile or (tile >= h and tile >= w):
+        outs = fn(x)
+        if progress:
+            progress(1, 1)
+        return outs
+    t, ov, grid = tile_grid(h, w, tile, overlap, multiple)
+    th, tw = min(t, h), min(t, w)
+    acc = [torch.zeros(b, c, h, w, device=x.device, dtype=torch.float32) for c in out_channels]
+    wsum = torch.zeros(1, 1, h, w, device=x.device, dtype=torch.float32)
+    for i, (y0, x0) in enumerate(grid):
+        outs = fn(x[..., y0:y0 + th, x0:x0 + tw])
+        wy = _ramp(th, ov, y0 == 0, y0 + th >= h, x.device)
+        wx = _ramp(tw, ov, x0 == 0, x0 + tw >= w, x.device)
+        wt = (wy[:, None] * wx[None, :])[None, None]
+        for a, o in zip(acc, outs):
+            a[..., y0:y0 + th, x0:x0 + tw] += o.float() * wt
+        wsum[..., y0:y0 + th, x0:x0 + tw] += wt
+        if progress:
+            progress(i + 1, len(grid))
+    return tuple(a / wsum for a in acc)
+
+
+def count_tiles(h, w, tile, overlap, multiple) -> int:
+    if not tile or (tile >= h and tile >= w):
+        return 1
+    hp, wp = h + (-h) % multiple, w + (-w) % multiple
+    return len(tile_grid(hp, wp, tile, overlap, multiple)[2])
+
+
+class Derainer:
+    """Model + optional CLIP perceiver on a device/dtype. Thread-compatible, stateless per call."""
+
+    def __init__(self, model: CLIPRPN, perceiver=None, device="cpu", dtype: str | torch.dtype = "fp32"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = resolve_dtype(dtype, self.device) if isinstance(dtype, str) else dtype
+        self.model = model.eval().requires_grad_(False).to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        self.perceiver = perceiver
+        self.multiple = model.config.pad_multiple
+
+    # -- perception and routing -----------------------------------------------------------
+    @torch.inference_mode()
+    def perceive(self, images: torch.Tensor):
+        """-> (probs [B,PATTERN_DIM] on CPU, source). CLIP drives perception when loaded."""
+        rgb = split_channels(check_images(images))[0]
+        if self.perceiver is not None:
+            return self.perceiver.probs(rgb).float().cpu(), f"clip:{self.perceiver.name}"
+        logits = self.model.perceive(rgb.to(self.device, self.dtype))
+        return pattern_probs(logits).cpu(), "pattern-head"
+
+    @torch.inference_mode()
+    def route(self, probs, top_k=1, temperature=1.0, override=None):
+        return self.model.router(probs.to(self.device), top_k, temperature, override).cpu()
+
+    # -- masks and restoration --------------------------------------------------------------
+    def _prep(self, images):
+        x = check_images(images)
+        rgb, alpha, c = split_channels(x)
+        h, w = rgb.shape[-2:]
+        return _pad_to(rgb, self.multiple), alpha, c, h, w
+
+    def _auto_tile(self, tile, h, w):
+        if tile is None and h * w > AUTO_TILE_PIXELS:
+            return DEFAULT_TILE
+        return tile or None
+
+    @torch.inference_mode()
+    def estimate_mask(self, images, tile=None, overlap=DEFAULT_OVERLAP, progress=None):
+        rgb, _, _, h, w = self._prep(images)
+        tile = self._auto_tile(tile, h, w)
+        out = []
+        for i in range(rgb.shape[0]):  # one image at a time bounds memory on large batches
+            fn = lambda t: (torch.sigmoid(self.model.estimate_mask(  # noqa: E731
+                t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)).float()),)
+            (m,) = run_tiled(fn, rgb[i:i + 1], tile, overlap, self.multiple, (1,), progress)
+            out.append(m[..., :h, :w].cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
+               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None) -> DerainResult:
+        """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
+        outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
+        [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention."""
+        t0 = time.perf_counter()
+        rgb, alpha, c, h, w = self._prep(images)
+        b = rgb.shape[0]
+        source = "given"
+        if routing is None:
+            if pattern is None:
+                pattern, source = self.perceive(rgb[..., :h, :w])
+            routing = self.route(pattern, top_k, temperature, override)
+        elif override is not None:
+            routing = self.route(torch.zeros(b, pattern.shape[-1] if pattern is not None else 13), 1, 1.0, override)
+        routing = torch.as_tensor(routing, dtype=torch.float32)
+        if routing.shape != (b, self.model.config.num_experts):
+            if routing.shape[0] == 1 and routing.shape[1] == self.model.config.num_experts:
+                routing = routing.expand(b, -1)
+            else:
+                raise ValueError(f"routing has shape {tuple(routing.shape)}, expected ({b}, {self.model.config.num_experts})"
+                                 " (one row per image)")
+        if pattern is None:
+            pattern = torch.full((b, 13), float("nan"))
+        if mask is not None:
+            mask = torch.as_tensor(mask).float()
+            mask = mask[:, None] if mask.dim() == 3 else mask
+            if mask.shape[0] == 1 and b > 1:
+                mask = mask.expand(b, -1, -1, -1)
+            if mask.shape[0] != b:
+                raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {b}")
+            if mask.shape[-2:] != (h, w):
+                mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+            mask = _pad_to(mask.clamp(0, 1), self.multiple)
+        tile = self._auto_tile(tile, h, w)
+        total = count_tiles(h, w, tile, overlap, self.multiple) * b
+        done = [0]
+
+        def step(i, n):
+            if progress:
+                progress(done[0] + i, total)
+
+        outs, masks = [], []
+        for i in range(b):
+            r = routing[i:i + 1].to(self.device)
+            xi = rgb[i:i + 1]
+            mi = mask[i:i + 1] if mask is not None else None
+
+            if mi is None:
+                fn = lambda t, r=r: self._restore(t, r, None)  # noqa: E731
+                o, m = run_tiled(fn, xi, tile, overlap, self.multiple, (3, 1), step)
+            else:
+                both = torch.cat([xi, mi.to(xi)], 1)
+                fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:])  # noqa: E731
+                o, m = run_tiled(fn, both, tile, overlap, self.multiple, (3, 1), step)
+            done[0] += count_tiles(h, w, tile, overlap, self.multiple)
+            outs.append(o[..., :h, :w].clamp(0, 1).cpu())
+            masks.append(m[..., :h, :w].cpu())
+        out = merge_channels(torch.cat(outs), alpha, c)
+        return DerainResult(out, torch.cat(masks), pattern, routing, source, time.perf_counter() - t0)
+
+    def _restore(self, t, r, m):
+        t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device))
+        return img.float(), torch.sigmoid(mlog.float())

@@ -1,0 +1,93 @@
+"""Deraining metrics exactly as the protocol (../shared/docs/method.md): Y channel of MATLAB's
+rgb2ycbcr on uint8 RGB, rounded; PSNR with peak 255; Wang et al. SSIM (11x11 Gaussian window,
+sigma 1.5, K = (0.01, 0.03), L = 255, 'valid' filtering); no border crop; averaged per image."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rgb_to_y(rgb_uint8: np.ndarray) -> np.ndarray:
+    """MATLAB rgb2ycbcr Y of a uint8 HxWx3 array, rounded to integers (as float64)."""
+    a = np.asarray(rgb_uint8)
+    if a.dtype != np.uint8:
+        raise ValueError(f"rgb_to_y expects uint8 RGB, got {a.dtype}: save the image as 8-bit first")
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, -1)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"rgb_to_y expects HxWx3, got shape {a.shape}")
+    a = a.astype(np.float64)
+    y = 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
+    return np.round(y)
+
+
+def psnr_y(pred: np.ndarray, gt: np.ndarray) -> float:
+    _same_shape(pred, gt)
+    mse = np.mean((rgb_to_y(pred) - rgb_to_y(gt)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def _gauss_window(size=11, sigma=1.5):
+    r = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(r ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+    return g
+
+
+def _filter_valid(img, g):
+    """Separable 'valid' correlation with a symmetric 1-D kernel."""
+    k = len(g)
+    h, w = img.shape
+    tmp = sum(g[i] * img[i:h - k + 1 + i, :] for i in range(k))
+    return sum(g[j] * tmp[:, j:w - k + 1 + j] for j in range(k))
+
+
+def ssim_y(pred: np.ndarray, gt: np.ndarray) -> float:
+    _same_shape(pred, gt)
+    x, y = rgb_to_y(pred), rgb_to_y(gt)
+    if min(x.shape) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11, got {x.shape}")
+    g = _gauss_window()
+    C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _filter_valid(x, g), _filter_valid(y, g)
+    sxx = _filter_valid(x * x, g) - mx * mx
+    syy = _filter_valid(y * y, g) - my * my
+    sxy = _filter_valid(x * y, g) - mx * my
+    m = ((2 * mx * my + C1) * (2 * sxy + C2)) / ((mx * mx + my * my + C1) * (sxx + syy + C2))
+    return float(m.mean())
+
+
+def _same_shape(a, b):
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"prediction {np.shape(a)} and ground truth {np.shape(b)} differ in size: "
+                         "outputs must be saved at exactly the input size")
+
+
+def evaluate_folders(pred_dir, gt_dir, progress=True):
+    """Per-image and mean Y-PSNR/SSIM over files with the same names in two folders."""
+    from pathlib import Path
+
+    from .imageio import IMAGE_EXTS, load_rgb_uint8
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    gts = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not gts:
+        raise FileNotFoundError(f"no ground-truth images in {gt_dir}")
+    rows, missing = [], []
+    it = gts
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(gts, desc="eval", unit="img")
+    for g in it:
+        p = pred_dir / g.name
+        if not p.exists():
+            cands = [q for q in pred_dir.glob(g.stem + ".*")]
+            if not cands:
+                missing.append(g.name)
+                continue
+            p = cands[0]
+        a, b = load_rgb_uint8(p), load_rgb_uint8(g)
+        rows.append({"name": g.name, "psnr": psnr_y(a, b), "ssim": ssim_y(a, b)})
+    if not rows:
+        raise FileNotFoundError(f"no predictions in {pred_dir} match the names in {gt_dir}")
+    mean = {"psnr": float(np.mean([r["psnr"] for r in rows])), "ssim": float(np.mean([r["ssim"] for r in rows]))}
+    return {"mean": mean, "images": rows, "missing": missing}

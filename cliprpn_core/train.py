@@ -1,0 +1,364 @@
+"""Trainer: AdamW, warm-up + cosine LR, gradient clipping, EMA, resume, atomic checkpoints,
+JSONL log, loss-curve PNG, progress bar, DistributedDataParallel under torchrun.
+
+Config: a TOML file plus ``key=value`` overrides (dotted keys). Training state (model, EMA,
+optimizer, schedule, RNG) is itself a safetensors file: resuming never unpickles.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .arch import CLIPRPN, pattern_probs
+from .checkpoint import CheckpointError, load_state_checked, read_metadata, save_model
+from .config import CLIPRPNConfig
+from .imageio import atomic_write_bytes
+from .losses import LOSSES, PRESETS, LoadBalanceLoss, MaskLoss, build_schedule
+from .patterns import NUM_CLASSES
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    model: dict = field(default_factory=dict)  # CLIPRPNConfig fields
+    init: str = ""  # start from these model weights (safetensors) instead of random
+    clean_dirs: list = field(default_factory=list)  # synthetic rain over these
+    pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
+    pair_fraction: float = 0.1  # share of each batch from pair_dirs
+    regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
+    loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
+    loss_preset: str = ""
+    mask_weight: float = 0.1
+    pattern_weight: float = 0.05
+    router_weight: float = 0.05
+    balance_weight: float = 0.0
+    steps: int = 2000
+    batch_size: int = 8
+    patch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 0.5
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA), none, bf16, fp16
+    log_every: int = 25
+    ckpt_every: int = 500
+    max_minutes: float = 0.0  # stop (checkpointed) after this long; resume continues
+    budget_minutes: float = 0.0  # size `steps` so the whole run takes about this long (measured rate)
+    channels_last: bool = True
+    threads: int = 0  # torch CPU threads (0: leave the default)
+
+    @classmethod
+    def from_toml(cls, path=None, overrides=()):
+        d = {}
+        if path:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        for ov in overrides:
+            if "=" not in ov:
+                raise ValueError(f"override {ov!r} must look like key=value")
+            k, v = ov.split("=", 1)
+            try:
+                val = json.loads(v)
+            except ValueError:
+                val = v
+            cur = d
+            parts = k.split(".")
+            for p in parts[:-1]:
+                cur = cur.setdefault(p, {})
+            cur[parts[-1]] = val
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown training options {sorted(bad)}; known: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.loss_preset:
+            if cfg.loss_preset not in PRESETS:
+                raise ValueError(f"unknown loss preset {cfg.loss_preset!r}; known: {sorted(PRESETS)}")
+            cfg.loss = dict(PRESETS[cfg.loss_preset])
+        return cfg
+
+
+def lr_at(step, cfg: TrainConfig):
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _dist():
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg = cfg
+        self.world, self.rank, local = _dist()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+        if cfg.device == "auto":
+            dev = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        else:
+            dev = cfg.device
+        self.device = torch.device(dev)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            # shapes vary per step (expert subsets, synthesis kernels): autotuning would re-run constantly
+            torch.backends.cudnn.benchmark = False
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_cfg = CLIPRPNConfig.from_dict(cfg.model)
+        self.model = CLIPRPN(self.model_cfg).to(self.device)
+        if cfg.init:
+            from .checkpoint import load_model
+            init = load_model(cfg.init)
+            if init.config != self.model_cfg:
+                raise CheckpointError(f"init checkpoint {cfg.init} has a different model config than this run")
+            self.model.load_state_dict(init.state_dict())
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.schedule = build_schedule(cfg.loss).to(self.device)
+        self.losses = {k: LOSSES[k]().to(self.device) for k in self.schedule.names}
+        self.mask_loss = MaskLoss().to(self.device)
+        self.balance = LoadBalanceLoss()
+        params = list(self.model.parameters()) + list(self.schedule.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.out = Path(cfg.out_dir)
+        self.progress = progress and self.rank == 0
+        self._stop = False
+        self._elapsed_before = 0.0
+        self._measured = False
+        self._t_start = time.time()
+        self.source = self._build_source()
+
+    # -- data --------------------------------------------------------------------------------
+    def _build_source(self):
+        from .data import MixtureSource, PairedSource, SyntheticSource
+        srcs, w = [], []
+        if self.cfg.clean_dirs:
+            srcs.append(SyntheticSource(self.cfg.clean_dirs, regime_probs=tuple(self.cfg.regime_probs)))
+            w.append(1.0 - (self.cfg.pair_fraction if self.cfg.pair_dirs else 0.0))
+        if self.cfg.pair_dirs:
+            srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size))
+            w.append(self.cfg.pair_fraction if self.cfg.clean_dirs else 1.0)
+        if not srcs:
+            raise ValueError("no training data: set clean_dirs and/or pair_dirs")
+        return srcs[0] if len(srcs) == 1 else MixtureSource(srcs, w)
+
+    # -- one step ----------------------------------------------------------------------------
+    def compute_losses(self, batch):
+        m = self.net
+        rainy, clean = batch.rainy, batch.clean
+        if self.cfg.channels_last:
+            rainy = rainy.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            core = self.model
+            plog = core.perceive(rainy)
+            rlog = core.router.logits(pattern_probs(plog).detach())
+            routing = F.one_hot(batch.expert, core.config.num_experts).float()  # synthetic labels route
+            out = m(rainy, routing=routing) if self.world > 1 else None
+            if out is None:
+                img, mlog, pyr = core.restore(rainy, routing)
+            else:
+                img, mlog, pyr = out.image, out.mask_logits, out.mask_pyramid
+        img = img.float()
+        terms = {k: fn(img, clean) for k, fn in self.losses.items()}
+        total = self.schedule(terms, self.step, self.cfg.steps)
+        ml = self.mask_loss(mlog.float(), batch.mask)
+        for p in pyr:
+            ml = ml + 0.25 * self.mask_loss(p.float(), F.adaptive_avg_pool2d(batch.mask, p.shape[-2:]))
+        ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
+                 for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
+        rce = F.cross_entropy(rlog, batch.expert)
+        bal = self.balance(rlog, batch.expert)
+        total = total + self.cfg.mask_weight * ml + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
+        if self.cfg.balance_weight:
+            total = total + self.cfg.balance_weight * bal
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs.update(mask=float(ml.detach()), pattern_ce=float(ce.detach()), router_ce=float(rce.detach()),
+                    balance=float(bal.detach()), total=float(total.detach()))
+        return total, terms, logs
+
+    def train_step(self):
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg)
+        batch = self.source.batch(self.cfg.batch_size, self.cfg.patch_size, self.gen, self.device)
+        total, terms, logs = self.compute_losses(batch)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}; lower lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.schedule.observe({k: float(v) for k, v in terms.items()})
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.lerp_(pm.detach(), 1 - d)
+            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(bm)
+        self.step += 1
+        logs.update(step=self.step, lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn),
+                    weights=self.schedule.current_weights(self.step, self.cfg.steps))
+        return logs
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def state_path(self):
+        return self.out / "state.safetensors"
+
+    def save_state(self):
+        if self.rank != 0:
+            return
+        t = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        t.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+        t.update({f"sched.{k}": v.detach().cpu().contiguous() for k, v in self.schedule.state_dict().items()})
+        osd = self.opt.state_dict()
+        for pid, st in osd["state"].items():
+            for k, v in st.items():
+                t[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        t["rng.cpu"] = torch.get_rng_state()
+        t["rng.gen"] = self.gen.get_state()
+        meta = {"format": "clip-rpn-train-state", "step": str(self.step), "steps": str(self.cfg.steps),
+                "elapsed": str(self._elapsed_before + time.time() - self._t_start),
+                "measured": "1" if self._measured else "0", "train_config": json.dumps(asdict(self.cfg)),
+                "model_config": self.model_cfg.to_json(), "opt_groups": json.dumps(osd["param_groups"]),
+                "schedule_state": json.dumps(self.schedule.state())}
+        atomic_write_bytes(self.state_path, lambda tmp: save_file(t, tmp, metadata=meta))
+        save_model(self.ema, self.out / "model.safetensors", {"trained_steps": self.step, "train_config": asdict(self.cfg)})
+
+    def load_state(self):
+        meta = read_metadata(self.state_path)
+        if meta.get("format") != "clip-rpn-train-state":
+            raise CheckpointError(f"{self.state_path} is not a CLIP-RPN training state")
+        if CLIPRPNConfig.from_json(meta["model_config"]) != self.model_cfg:
+            raise CheckpointError(f"{self.state_path} was written for a different model config; use another out_dir")
+        t = load_file(str(self.state_path))
+        pick = lambda p: {k[len(p):]: v for k, v in t.items() if k.startswith(p)}  # noqa: E731
+        load_state_checked(self.model, pick("model."), str(self.state_path))
+        load_state_checked(self.ema, pick("ema."), str(self.state_path))
+        self.schedule.load_state_dict(pick("sched."))
+        groups = json.loads(meta["opt_groups"])
+        state = {}
+        for k, v in pick("opt.").items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v.to(self.device) if name != "step" else v
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(t["rng.cpu"])
+        self.gen.set_state(t["rng.gen"])
+        self.schedule.load_state(json.loads(meta["schedule_state"]))
+        self.step = int(meta["step"])
+        if self.cfg.budget_minutes:  # a budgeted run keeps the length it measured
+            self.cfg.steps = int(meta.get("steps", self.cfg.steps))
+            self._elapsed_before = float(meta.get("elapsed", 0.0))
+            self._measured = meta.get("measured") == "1"
+
+    # -- loop --------------------------------------------------------------------------------
+    def _on_signal(self, *_):
+        self._stop = True
+
+    def fit(self):
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.state_path.exists():
+            self.load_state()
+        log_path = self.out / "log.jsonl"
+        old = {}
+        if self.rank == 0:
+            (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self._on_signal)
+        if cfg.budget_minutes and not self._measured:
+            cfg.steps = 10 ** 9  # set from the measured rate after a few steps
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
+                   dynamic_ncols=True)
+        t0 = self._t_start = time.time()
+        acc, n = {}, 0
+        self._calib_from, self._calib_at = self.step + 20, self.step + 120
+        try:
+            while self.step < cfg.steps and not self._stop:
+                logs = self.train_step()
+                if cfg.budget_minutes and not self._measured and self.step == self._calib_at:
+                    rate = (self.step - self._calib_from) / (time.time() - self._calib_t)
+                    left = cfg.budget_minutes * 60 - (time.time() - t0) - self._elapsed_before
+                    cfg.steps = max(self.step + 1, int(self.step + rate * left))
+                    self._measured = True
+                    bar.total = cfg.steps
+                    bar.refresh()
+                if cfg.budget_minutes and not self._measured and self.step == self._calib_from:
+                    self._calib_t = time.time()
+                for k, v in logs.items():
+                    if isinstance(v, float):
+                        acc[k] = acc.get(k, 0.0) + v
+                n += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rec = {k: v / n for k, v in acc.items()}
+                    rec.update(step=self.step, lr=logs["lr"], weights=logs["weights"], time=time.time() - t0)
+                    acc, n = {}, 0
+                    bar.set_postfix(loss=f"{rec['total']:.4f}")
+                    if self.rank == 0:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                if self.step % cfg.ckpt_every == 0:
+                    self.save_state()
+                    self.plot()
+                if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
+                    break
+                if self.world > 1:
+                    flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+                    torch.distributed.all_reduce(flag)
+                    self._stop = bool(flag.item())
+        finally:
+            bar.close()
+            self.save_state()
+            self.plot()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        return self.out / "model.safetensors"
+
+    def plot(self):
+        if self.rank != 0:
+            return
+        path = self.out / "log.jsonl"
+        if not path.exists():
+            return
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        keys = [k for k in ("total", "charbonnier", "l1", "ssim", "edge", "fft", "mask", "pattern_ce") if k in recs[-1]]
+        from .plotting import line_chart
+        im = line_chart({k: [r.get(k) for r in recs] for k in keys}, title=f"{self.out.name}: loss per log interval")
+        atomic_write_bytes(self.out / "loss_curve.png", lambda tmp: im.save(tmp, format="PNG"))
+
+
+def train(cfg: TrainConfig, progress=True):
+    return Trainer(cfg, progress=progress).fit()
