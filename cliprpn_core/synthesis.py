@@ -106,7 +106,7 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
 
     # primary streak layer, parameters by regime
     density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004), R(0.0008, 0.006)))
-    length = torch.where(heavy, R(20, 60), R(10, 42)).round()
+    length = torch.where(heavy, R(20, 60), R(12, 65)).round()
     angle = torch.where(torch.rand(b, generator=gen) < 0.3, R(-4, 4), R(-35, 35))
     width = torch.where(heavy, R(0.6, 2.0), R(0.3, 0.9))
     bright = torch.where(heavy, R(0.25, 0.6), R(0.25, 0.85))
