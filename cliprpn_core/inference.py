@@ -14,7 +14,7 @@ from .arch import CLIPRPN, pattern_probs
 MIN_SIDE = 8
 AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
 DEFAULT_TILE = 512
-DEFAULT_OVERLAP = 32
+DEFAULT_OVERLAP = 64
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -102,9 +102,15 @@ def _starts(n, t, stride):
 
 
 def _ramp(n, ov, lo_edge, hi_edge, device):
+    """Blend weights along one tile side: on an interior side, the outer half of the overlap
+    (where zero padding at the tile edge corrupts features) gets weight 0, the inner half a
+    linear ramp. Image borders keep weight 1."""
     w = torch.ones(n, device=device)
+    margin = ov // 2
+    ramp_len = ov - margin
     if ov > 0:
-        r = (torch.arange(ov, device=device, dtype=torch.float32) + 0.5) / ov
+        r = torch.cat([torch.zeros(margin, device=device),
+                       (torch.arange(ramp_len, device=device, dtype=torch.float32) + 0.5) / ramp_len])
         if not lo_edge:
             w[:ov] = torch.minimum(w[:ov], r)
         if not hi_edge:

@@ -1,0 +1,70 @@
+"""Rain100L / heavy-set evaluation of CLIP-RPN checkpoints, by the protocol of method.md:
+outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
+
+  python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--json out.json]
+
+--experts also forces every image through each single expert (routing vs best single expert).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cliprpn_core.checkpoint import load_model  # noqa: E402
+from cliprpn_core.imageio import list_images, read_image, save_image  # noqa: E402
+from cliprpn_core.inference import Derainer  # noqa: E402
+from cliprpn_core.metrics import evaluate_folders  # noqa: E402
+from cliprpn_core.patterns import EXPERTS  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def run(derainer, set_dir, override=None):
+    routes = Counter()
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        for f in list_images(Path(set_dir) / "rain"):
+            r = derainer.derain(read_image(f), override=override)
+            routes[EXPERTS[int(r.routing[0].argmax())]] += 1
+            save_image(r.images[0], Path(out) / (f.stem + ".png"))
+        secs = time.perf_counter() - t
+        m = evaluate_folders(out, Path(set_dir) / "gt", progress=False)["mean"]
+    return {"psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4), "routing": dict(routes), "seconds": round(secs, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--sets", nargs="+", default=["rain100l", "heavy_test"])
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--experts", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = {}
+    for ck in a.checkpoints:
+        d = Derainer(load_model(ck))
+        res = {}
+        for s in a.sets:
+            res[s] = {"routed": run(d, Path(a.data) / s)}
+            print(f"{ck} {s} routed: {res[s]['routed']}", flush=True)
+            if a.experts:
+                for e in range(d.model.config.num_experts):
+                    res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e)
+                    print(f"{ck} {s} forced {EXPERTS[e]}: {res[s][f'forced_{EXPERTS[e]}']}", flush=True)
+        results[ck] = res
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

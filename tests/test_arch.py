@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from cliprpn_core import CLIPRPN, CLIPRPNConfig, tiny_config
+from cliprpn_core.arch import MaskGuidedCrossAttention, pattern_probs, route
+from cliprpn_core.patterns import NUM_CLASSES, PATTERN_DIM
+
+
+def test_forward_shapes(tiny_model):
+    x = torch.rand(2, 3, 32, 48)
+    out = tiny_model(x)
+    assert out.image.shape == x.shape
+    assert out.mask_logits.shape == (2, 1, 32, 48)
+    assert out.routing.shape == (2, tiny_model.config.num_experts)
+    assert out.pattern_logits.shape == (2, PATTERN_DIM)
+
+
+def test_pattern_probs_sum_to_one_per_attribute():
+    p = pattern_probs(torch.randn(3, PATTERN_DIM))
+    for chunk in p.split(list(NUM_CLASSES), -1):
+        torch.testing.assert_close(chunk.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_route_top_k(k):
+    w = route(torch.randn(5, 4), top_k=k)
+    assert ((w > 0).sum(1) == k).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(5))
+
+
+def test_route_temperature_and_override():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sharp = route(logits, top_k=2, temperature=0.1)
+    soft = route(logits, top_k=2, temperature=10.0)
+    assert sharp[0, 0] > soft[0, 0] > 0.5
+    w = route(logits, override=3)
+    assert w.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match="out of range"):
+        route(logits, override=7)
+    with pytest.raises(ValueError, match="temperature"):
+        route(logits, temperature=0)
+
+
+def test_experts_not_routed_are_not_executed(tiny_model):
+    calls = [0] * len(tiny_model.experts)
+    for i, e in enumerate(tiny_model.experts):
+        e.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
+    x = torch.rand(3, 3, 16, 16)
+    routing = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0]])
+    tiny_model.restore(x, routing)
+    assert calls == [2, 0, 1, 0]  # expert 0 saw two images, expert 2 one, the others none
+
+
+def test_per_image_routing_in_batch_matches_single(tiny_model):
+    x = torch.rand(2, 3, 16, 16)
+    routing = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    both = tiny_model.restore(x, routing)[0]
+    one = tiny_model.restore(x[1:], routing[1:])[0]
+    torch.testing.assert_close(both[1:], one, atol=1e-5, rtol=1e-5)
+
+
+def test_mgca_is_local_so_cost_is_linear():
+    """A change far away (beyond the attention window) must not alter a pixel's output:
+    no HW x HW attention anywhere."""
+    torch.manual_seed(0)
+    m = MaskGuidedCrossAttention(8, heads=2, cell=2, window=3)
+    with torch.no_grad():
+        m.gate.fill_(1.0)
+    x = torch.randn(1, 8, 32, 32)
+    mask = torch.rand(1, 1, 32, 32)
+    y1 = m(x, mask)
+    x2 = x.clone()
+    x2[..., 24:, 24:] += 5.0
+    y2 = m(x2, mask)
+    assert torch.equal(y1[..., :8, :8], y2[..., :8, :8])
+    assert not torch.equal(y1[..., 24:, 24:], y2[..., 24:, 24:])
+
+
+def test_mgca_gated_by_mask():
+    m = MaskGuidedCrossAttention(8, heads=2, cell=2, window=3)
+    with torch.no_grad():
+        m.gate.fill_(1.0)
+    x = torch.randn(1, 8, 8, 8)
+    torch.testing.assert_close(m(x, torch.zeros(1, 1, 8, 8)), x)  # clean everywhere: unchanged
+    assert not torch.allclose(m(x, torch.ones(1, 1, 8, 8)), x)
+
+
+def test_config_validation_and_json_roundtrip():
+    c = tiny_config()
+    assert CLIPRPNConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="enc_blocks"):
+        CLIPRPNConfig(widths=(8, 16, 32), enc_blocks=(1,), dec_blocks=(1,))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        CLIPRPNConfig.from_dict({"widths": [8, 16], "bogus": 1})
+
+
+def test_default_config_builds():
+    m = CLIPRPN()
+    n = sum(p.numel() for p in m.parameters())
+    assert 0.5e6 < n < 3e6
+    assert m.config.pad_multiple == 16

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from cliprpn_core import Derainer
+from cliprpn_core.inference import check_images, tile_grid
+
+
+@pytest.fixture
+def derainer(tiny_model):
+    return Derainer(tiny_model, device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (17, 23), (33, 9), (40, 64)])
+def test_any_size_keeps_size(derainer, hw):
+    x = torch.rand(2, 3, *hw)
+    r = derainer.derain(x)
+    assert r.images.shape == x.shape and r.masks.shape == (2, 1, *hw)
+    assert 0 <= r.images.min() and r.images.max() <= 1
+    assert 0 <= r.masks.min() and r.masks.max() <= 1
+
+
+def test_tiled_matches_untiled(derainer):
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 120, 150)
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    full = derainer.derain(x, routing=r)
+    tiled = derainer.derain(x, routing=r, tile=80, overlap=48)
+    assert (full.images - tiled.images).abs().max() < 1e-3
+    assert (full.masks - tiled.masks).abs().max() < 1e-3
+
+
+def test_tile_grid_aligned_and_covering():
+    t, ov, grid = tile_grid(112, 160, 50, 20, 16)
+    assert t == 48 and ov == 32
+    assert all(y % 16 == 0 and x % 16 == 0 for y, x in grid)
+    cover = torch.zeros(112, 160)
+    for y, x in grid:
+        cover[y:y + t, x:x + t] = 1
+    assert cover.all()
+
+
+def test_progress_called_per_tile(derainer):
+    calls = []
+    derainer.derain(torch.rand(2, 3, 64, 64), tile=32, overlap=8, progress=lambda d, n: calls.append((d, n)))
+    assert calls[-1][0] == calls[-1][1] == len(calls)
+    assert len(calls) == 2 * 9
+
+
+def test_per_image_routing_within_batch(derainer):
+    x = torch.rand(3, 3, 24, 24)
+    batch = derainer.derain(x)
+    singles = [derainer.derain(x[i:i + 1]) for i in range(3)]
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(batch.routing[i], s.routing[0])
+        torch.testing.assert_close(batch.images[i], s.images[0], atol=1e-5, rtol=1e-5)
+    assert batch.perceived_by == "pattern-head"
+
+
+def test_gray_and_rgba(derainer):
+    g = torch.rand(1, 1, 20, 20)
+    assert derainer.derain(g).images.shape == (1, 1, 20, 20)
+    rgba = torch.rand(1, 4, 20, 20)
+    out = derainer.derain(rgba).images
+    assert out.shape == (1, 4, 20, 20)
+    assert torch.equal(out[:, 3], rgba[:, 3])  # alpha passes through untouched
+
+
+def test_deterministic_on_cpu(derainer):
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(derainer.derain(x).images, derainer.derain(x).images)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precisions_close_to_fp32(tiny_model, dtype):
+    import copy
+    x = torch.rand(1, 3, 32, 32)
+    r = torch.tensor([[1.0, 0, 0, 0]])
+    ref = Derainer(copy.deepcopy(tiny_model), dtype="fp32").derain(x, routing=r).images
+    try:
+        out = Derainer(copy.deepcopy(tiny_model), dtype=dtype).derain(x, routing=r).images
+    except RuntimeError as e:  # some CPU builds lack fp16 kernels
+        pytest.skip(f"{dtype} not supported on this CPU build: {e}")
+    assert (out - ref).abs().max() < 0.05
+
+
+def test_override_and_external_mask(derainer):
+    x = torch.rand(2, 3, 16, 16)
+    r = derainer.derain(x, override=2)
+    assert r.routing[:, 2].tolist() == [1.0, 1.0]
+    m = torch.zeros(2, 16, 16)
+    r2 = derainer.derain(x, mask=m)
+    assert r2.images.shape == x.shape
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+    (torch.rand(1, 3, 1, 1), "at least 8x8"),
+    (torch.rand(1, 5, 16, 16), "5 channels"),
+    (torch.rand(16, 16), r"\[B,C,H,W\]"),
+    (torch.rand(0, 3, 16, 16), "empty"),
+])
+def test_bad_inputs_clear_errors(derainer, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        derainer.derain(bad)
+
+
+def test_wrong_routing_shape(derainer):
+    with pytest.raises(ValueError, match="one row per image"):
+        derainer.derain(torch.rand(2, 3, 16, 16), routing=torch.ones(3, 4) / 4)
+
+
+def test_check_images_accepts_chw():
+    assert check_images(torch.rand(3, 10, 10)).shape == (1, 3, 10, 10)
