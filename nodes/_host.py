@@ -1,0 +1,143 @@
+"""ComfyUI host services used by the nodes: the model folder, devices and dtypes, the
+ModelPatcher wrapper, progress bars that are also Cancel checkpoints."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from ..cliprpn_core import DEFAULT_MODEL_NAME
+from . import ops
+
+log = logging.getLogger("CLIP-RPN")
+
+FOLDER = "clip_rpn"
+PACK_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def register_model_folder():
+    """models/clip_rpn first, keep entries from extra_model_paths.yaml, the pack's own models/ last
+    (so the shipped default works without copying)."""
+    paths, _exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    own = str(Path(folder_paths.models_dir) / FOLDER)
+    keep = [p for p in paths if p not in (own, str(PACK_MODELS))]
+    folder_paths.folder_names_and_paths[FOLDER] = ([own] + keep + [str(PACK_MODELS)],
+                                                   set(folder_paths.supported_pt_extensions))
+
+
+def model_roots() -> list[str]:
+    return list(folder_paths.get_folder_paths(FOLDER))
+
+
+def save_dir() -> Path:
+    """Where fine-tuned models go: the first (models/clip_rpn) folder, never the pack's models/."""
+    for p in model_roots():
+        if Path(p).resolve() != PACK_MODELS.resolve():
+            return Path(p)
+    return Path(folder_paths.models_dir) / FOLDER
+
+
+def list_files() -> list[str]:
+    try:
+        return list(folder_paths.get_filename_list(FOLDER))
+    except Exception as e:  # an unreadable folder must not break the node list
+        log.warning("CLIP-RPN: could not list the %s model folder: %s", FOLDER, e)
+        return []
+
+
+def checkpoint_options() -> list[str]:
+    opts = ops.checkpoint_choices(list_files(), ops.find_clip_folders(model_roots()))
+    if DEFAULT_MODEL_NAME in opts:  # the shipped model first: it is the default choice
+        opts.remove(DEFAULT_MODEL_NAME)
+        opts.insert(0, DEFAULT_MODEL_NAME)
+    return opts or [DEFAULT_MODEL_NAME]
+
+
+def clip_options() -> list[str]:
+    from ..cliprpn_core.perceiver import SUPPORTED_CLIP
+    return ops.clip_choices(list_files(), ops.find_clip_folders(model_roots()), SUPPORTED_CLIP)
+
+
+def resolve(name: str, what: str) -> Path:
+    return ops.resolve_in(model_roots(), name, what, FOLDER)
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+def load_device(choice: str) -> torch.device:
+    return torch.device("cpu") if choice == "cpu" else mm.get_torch_device()
+
+
+def offload_device(choice: str) -> torch.device:
+    return torch.device("cpu") if choice == "cpu" else mm.unet_offload_device()
+
+
+def pick_dtype(choice: str, device: torch.device, params: int = 0) -> torch.dtype:
+    if choice == "fp32":
+        return torch.float32
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16":
+        if device.type == "mps":
+            raise ValueError("bf16 is not supported on Apple MPS; use fp16 or fp32")
+        return torch.bfloat16
+    if choice != "auto":
+        raise ValueError(f"unknown dtype {choice!r}; use auto, fp32, fp16 or bf16")
+    if device.type == "cpu":
+        return torch.float32
+    if device.type != "mps" and mm.should_use_bf16(device, model_params=params, prioritize_performance=True):
+        return torch.bfloat16
+    if mm.should_use_fp16(device, model_params=params, prioritize_performance=True):
+        return torch.float16
+    return torch.float32
+
+
+def make_patcher(module: torch.nn.Module, device_choice: str):
+    cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return cls(module, load_device=load_device(device_choice), offload_device=offload_device(device_choice))
+
+
+def load_to_device(handle: ops.ModelHandle, image_pixels: int = 0) -> torch.device:
+    """Ask ComfyUI to put the model on its load device (evicting others if needed); -> device."""
+    if handle.patcher is None:
+        return next(handle.model.parameters()).device
+    tile_px = min(image_pixels, 512 * 512) if image_pixels else 512 * 512
+    need = tile_px * 3 * 4 * 160  # activations of one tile, generous
+    mm.load_models_gpu([handle.patcher], memory_required=need, force_full_load=True)
+    return handle.patcher.load_device
+
+
+def output(t: torch.Tensor) -> torch.Tensor:
+    return t.to(mm.intermediate_device(), mm.intermediate_dtype())
+
+
+def is_oom(e: BaseException) -> bool:
+    try:
+        return bool(mm.is_oom(e))
+    except Exception:
+        return isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def free_after_oom():
+    mm.soft_empty_cache()
+
+
+def check_cancel():
+    mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ProgressBar that is also a Cancel checkpoint; ``self(done, total)`` fits the core callbacks."""
+
+    def __init__(self, total: int = 1):
+        self.bar = comfy.utils.ProgressBar(max(1, int(total)))
+
+    def __call__(self, done: int, total: int):
+        check_cancel()
+        self.bar.update_absolute(done, total)

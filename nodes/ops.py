@@ -1,0 +1,366 @@
+"""What the CLIP-RPN nodes do, without ComfyUI: tensor layout, socket payloads, model files,
+charts, tiling with OOM back-off, synthesis and the in-memory fine-tune loop.
+
+Nothing here imports ComfyUI, so it is unit-tested directly; ``_host.py`` supplies the host
+services (devices, progress, Cancel) as plain callables."""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..cliprpn_core import patterns as P
+from ..cliprpn_core import plotting
+from ..cliprpn_core.arch import pattern_probs
+
+CLIP_NONE = "none (built-in pattern head)"
+DOWNLOAD_PREFIX = "download: "
+SCHEDULES = ("charbonnier", "mix", "curriculum", "dwa", "uncertainty")
+EXPERT_AUTO = "auto (router decides)"
+REGIME_RANDOM = "random"
+MIN_TILE = 128
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+
+
+# -- layout ----------------------------------------------------------------------------------
+
+def bhwc_to_bchw(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] -> [B,C,H,W] float32 (a single [H,W,C] image is accepted)."""
+    if not torch.is_tensor(image):
+        raise TypeError(f"{what} must be an IMAGE tensor, got {type(image).__name__}")
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4:
+        raise ValueError(f"{what} must be an IMAGE batch [B,H,W,C], got shape {tuple(image.shape)}")
+    return image.movedim(-1, 1).float()
+
+
+def bchw_to_bhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1).contiguous()
+
+
+def mask_to_b1hw(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """ComfyUI MASK [B,H,W] (or [H,W]) -> [B,1,H,W]."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        return mask.float()
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be a MASK [B,H,W], got shape {tuple(mask.shape)}")
+    return mask[:, None].float()
+
+
+def rgb_only(x_bchw: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] with C in 1..4 -> [B,3,H,W] (gray expanded, alpha dropped)."""
+    c = x_bchw.shape[1]
+    if c in (1, 2):
+        return x_bchw[:, :1].expand(-1, 3, -1, -1)
+    if c in (3, 4):
+        return x_bchw[:, :3]
+    raise ValueError(f"image has {c} channels; CLIP-RPN takes 1-4 channels. Convert it to RGB first")
+
+
+# -- socket payloads ---------------------------------------------------------------------------
+
+@dataclass
+class RainPattern:
+    """RAIN_PATTERN: per-image attribute probabilities [B, PATTERN_DIM] (CPU) and who perceived them."""
+    probs: torch.Tensor
+    source: str
+
+    def summary(self) -> str:
+        return "\n".join(f"image {i + 1}: {P.describe(row)}" for i, row in enumerate(self.probs))
+
+
+@dataclass
+class RainRouting:
+    """RAIN_ROUTING: per-image expert weights [B, E] (CPU)."""
+    weights: torch.Tensor
+    experts: tuple[str, ...]
+    note: str = ""
+
+    def summary(self) -> str:
+        lines = []
+        for i, row in enumerate(self.weights):
+            used = [f"{self.experts[e] if e < len(self.experts) else e}={float(w):.2f}"
+                    for e, w in enumerate(row) if float(w) > 0]
+            lines.append(f"image {i + 1}: " + ", ".join(used))
+        return "\n".join(lines)
+
+
+@dataclass
+class ModelHandle:
+    """CLIPRPN_MODEL: one loaded model (+ optional CLIP perceiver), shared by every consumer.
+
+    ``module`` holds both so the host moves them together; ``patcher`` is the host's wrapper."""
+    model: torch.nn.Module
+    perceiver: torch.nn.Module | None
+    dtype: torch.dtype
+    name: str
+    clip_name: str | None = None
+    module: torch.nn.Module | None = None
+    patcher: object = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.module is None:
+            parts = {"rpn": self.model}
+            if self.perceiver is not None:
+                parts["clip"] = self.perceiver
+            self.module = torch.nn.ModuleDict(parts)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        n = self.model.config.num_experts
+        return tuple(P.EXPERTS[:n]) + tuple(f"expert_{i}" for i in range(len(P.EXPERTS), n))
+
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.module.parameters()) + list(self.module.buffers()))
+
+
+def expert_choices() -> list[str]:
+    return [EXPERT_AUTO] + list(P.EXPERTS)
+
+
+def expert_index(choice: str | None, num_experts: int) -> int | None:
+    if choice in (None, "", EXPERT_AUTO):
+        return None
+    if choice not in P.EXPERTS:
+        raise ValueError(f"unknown expert {choice!r}; choose one of {', '.join(expert_choices())}")
+    i = P.EXPERTS.index(choice)
+    if i >= num_experts:
+        raise ValueError(f"expert {choice!r} is number {i}, but this model has only {num_experts} experts")
+    return i
+
+
+def pattern_chart(pattern: RainPattern) -> torch.Tensor:
+    """One bar chart per image -> IMAGE [B,H,W,3]."""
+    charts = []
+    for i, row in enumerate(pattern.probs):
+        groups = {a: [(c, float(p)) for c, p in zip(P.ATTRIBUTES[a], chunk)]
+                  for a, chunk in P.split_pattern(row).items()}
+        im = plotting.bar_chart(groups, title=f"rain pattern, image {i + 1} ({pattern.source})")
+        charts.append(torch.from_numpy(plotting.to_array(im)))
+    return torch.stack(charts)
+
+
+def loss_chart(history: dict[str, list[float]], title: str) -> torch.Tensor:
+    return torch.from_numpy(plotting.to_array(plotting.line_chart(history, title=title)))[None]
+
+
+# -- model files --------------------------------------------------------------------------------
+
+def is_clip_file(name: str) -> bool:
+    """CLIP weights follow '<ARCH>__<TAG>.safetensors'; CLIP-RPN checkpoints do not."""
+    return "__" in Path(name).stem
+
+
+def _hidden_or_clip_dir(name: str, clip_folders: set[str]) -> bool:
+    parts = Path(name).parts
+    return any(p.startswith(".") for p in parts) or (len(parts) > 1 and parts[0] in clip_folders)
+
+
+def checkpoint_choices(files: list[str], clip_folders: list[str] = ()) -> list[str]:
+    """CLIP-RPN checkpoints among the folder's files (not CLIP weights, not inside CLIP folders)."""
+    cf = set(clip_folders)
+    return sorted(f for f in files if f.lower().endswith(".safetensors") and not is_clip_file(f)
+                  and not _hidden_or_clip_dir(f, cf) and Path(f).name != "open_clip_model.safetensors")
+
+
+def clip_choices(files: list[str], folders: list[str], supported: dict) -> list[str]:
+    """'none', local CLIP files and open_clip folders, then download options for models not present."""
+    local = sorted(f for f in files if f.lower().endswith(".safetensors") and is_clip_file(f)
+                   and not _hidden_or_clip_dir(f, set(folders)))
+    local += sorted(folders)
+    have = {Path(f).stem for f in local}
+    downloads = [DOWNLOAD_PREFIX + name for name, (arch, tag) in supported.items() if f"{arch}__{tag}" not in have]
+    return [CLIP_NONE] + local + downloads
+
+
+def find_clip_folders(roots: list[str]) -> list[str]:
+    """open_clip 'local-dir' folders (open_clip_config.json inside) directly under the model folders."""
+    out = set()
+    for r in roots:
+        p = Path(r)
+        if not p.is_dir():
+            continue
+        for d in p.iterdir():
+            if d.is_dir() and (d / "open_clip_config.json").is_file():
+                out.add(d.name)
+    return sorted(out)
+
+
+def resolve_in(roots: list[str], name: str, what: str, folder: str) -> Path:
+    """First existing ``root/name``; a clear error naming every folder searched otherwise."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"invalid {what} name {name!r}")
+    for r in roots:
+        p = Path(r) / name
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{what} {name!r} not found in the '{folder}' model folder; searched: "
+                            + ", ".join(str(r) for r in roots))
+
+
+def check_save_name(name: str, reserved: tuple[str, ...]) -> str | None:
+    """'' -> None (do not save); otherwise a safe file stem, never a reserved (shipped) one."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(f"save name {name!r} may only use letters, digits, space, '.', '_' and '-' (no folders)")
+    if "__" in name:
+        raise ValueError(f"save name {name!r} must not contain '__' (that marks CLIP weight files)")
+    if name.lower() in {r.lower() for r in reserved}:
+        raise ValueError(f"save name {name!r} is the shipped default model; pick another name")
+    return name
+
+
+# -- running with tiles and OOM back-off ---------------------------------------------------------
+
+def run_with_backoff(fn: Callable[[int | None], object], tile: int | None, is_oom: Callable[[BaseException], bool],
+                     on_oom: Callable[[], None] = lambda: None, first_tile: int = 512):
+    """Run ``fn(tile)``; on out-of-memory halve the tile (an untiled run first becomes
+    ``first_tile``) down to MIN_TILE, then re-raise. Other errors pass through unchanged."""
+    while True:
+        try:
+            return fn(tile)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            on_oom()
+            nxt = first_tile if not tile else tile // 2
+            if nxt < MIN_TILE:
+                raise
+            tile = nxt
+
+
+def check_pairs(rainy: torch.Tensor, clean: torch.Tensor):
+    if rainy.shape[0] != clean.shape[0]:
+        raise ValueError(f"rainy batch has {rainy.shape[0]} images but clean has {clean.shape[0]}; "
+                         "give one clean image per rainy image")
+    if rainy.shape[-2:] != clean.shape[-2:]:
+        raise ValueError(f"rainy images are {rainy.shape[-1]}x{rainy.shape[-2]} but clean are "
+                         f"{clean.shape[-1]}x{clean.shape[-2]}; pairs must be the same size")
+    for what, t in (("rainy", rainy), ("clean", clean)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what} images contain NaN or Inf values")
+        if min(t.shape[-2:]) < 16:
+            raise ValueError(f"{what} images are {t.shape[-1]}x{t.shape[-2]}; fine-tuning needs at least 16x16")
+
+
+# -- synthesis ---------------------------------------------------------------------------------
+
+def synthesize_rain(clean_bchw: torch.Tensor, seed: int, regime: str = REGIME_RANDOM):
+    """-> (rainy [B,3,H,W], mask [B,1,H,W]) reproducible from ``seed``."""
+    from ..cliprpn_core.synthesis import synthesize
+    clean = rgb_only(clean_bchw).float().clamp(0, 1).contiguous()
+    gen = torch.Generator().manual_seed(int(seed))
+    reg = None if regime in (None, REGIME_RANDOM) else [P.EXPERTS.index(regime)] * clean.shape[0]
+    s = synthesize(clean, gen, regime=reg)
+    return s.rainy.clamp(0, 1), s.mask.clamp(0, 1)
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    model: torch.nn.Module
+    history: dict[str, list[float]]
+
+
+def pseudo_rain_mask(rainy: torch.Tensor, clean: torch.Tensor, thresh: float = 0.04) -> torch.Tensor:
+    """Where the rain layer visibly changes the pixel (the target the mask estimator learns)."""
+    return ((rainy - clean).abs().amax(1, keepdim=True) > thresh).float()
+
+
+def finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
+             schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
+             device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
+             perceive: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FinetuneResult:
+    """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,3,H,W] 0..1, same sizes).
+
+    Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
+    e.g. CLIP) as a one-hot top-1, so the experts that would run on such rain are the ones
+    trained. ``on_step(done, total)`` is called after each step (progress and Cancel: an
+    exception raised there aborts without touching ``model``)."""
+    from ..cliprpn_core import losses as L
+    if schedule not in L.PRESETS:
+        raise ValueError(f"unknown loss schedule {schedule!r}; use one of {', '.join(L.PRESETS)}")
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    rainy, clean = rgb_only(rainy).float(), rgb_only(clean).float()
+    check_pairs(rainy, clean)
+    device = torch.device(device)
+    net = copy.deepcopy(model).float().to(device).train().requires_grad_(True)
+    net = net.to(memory_format=torch.contiguous_format)
+    # the pattern head and router stay as they are: pairs carry no pattern labels
+    net.pattern_head.requires_grad_(False)
+    net.router.requires_grad_(False)
+    sched = L.build_schedule(L.PRESETS[schedule]).to(device)
+    terms_fn = {k: L.LOSSES[k]().to(device) for k in sched.names}
+    mask_loss = L.MaskLoss().to(device)
+    params = [p for p in net.parameters() if p.requires_grad] + list(sched.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    b, _, h, w = rainy.shape
+    with torch.no_grad():
+        if perceive is not None:
+            probs = perceive(rainy).float().cpu()
+        else:
+            probs = pattern_probs(net.perceive(rainy.to(device))).cpu()
+        routing = net.router(probs.to(device)).argmax(-1).cpu()
+    ph, pw = min(patch, h), min(patch, w)
+    m = model.config.pad_multiple
+    ph, pw = max(m, ph // m * m), max(m, pw // m * m)
+    history: dict[str, list[float]] = {"total": []}
+    for step in range(steps):
+        for g in opt.param_groups:  # cosine decay to 10 %
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(0, b, (min(batch_size, max(b, 1)),), generator=gen)
+        ys = torch.randint(0, h - ph + 1, (len(idx),), generator=gen)
+        xs = torch.randint(0, w - pw + 1, (len(idx),), generator=gen)
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        crops_r, crops_c = [], []
+        for i, y, x, f in zip(idx.tolist(), ys.tolist(), xs.tolist(), flip.tolist()):
+            r, c = rainy[i, :, y:y + ph, x:x + pw], clean[i, :, y:y + ph, x:x + pw]
+            if f:
+                r, c = r.flip(-1), c.flip(-1)
+            crops_r.append(r)
+            crops_c.append(c)
+        xr, xc = torch.stack(crops_r).to(device), torch.stack(crops_c).to(device)
+        onehot = F.one_hot(routing[idx], model.config.num_experts).float().to(device)
+        img, mlog, _ = net.restore(xr, onehot)
+        img = img.float()
+        terms = {k: fn(img, xc) for k, fn in terms_fn.items()}
+        total = sched(terms, step, steps)
+        if mask_weight:
+            total = total + mask_weight * mask_loss(mlog.float(), pseudo_rain_mask(xr, xc))
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"fine-tune loss became {float(total)} at step {step + 1}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        vals = {k: float(v.detach()) for k, v in terms.items()}
+        sched.observe(vals)
+        history["total"].append(float(total.detach()))
+        for k, v in vals.items():
+            history.setdefault(k, []).append(v)
+        if on_step is not None:
+            on_step(step + 1, steps)
+    net.eval().requires_grad_(False)
+    return FinetuneResult(net, history)

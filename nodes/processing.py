@@ -1,0 +1,237 @@
+"""Perceive, route, estimate masks and derain: thin nodes over cliprpn_core.inference."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
+from . import _host as H
+from . import ops
+from ._types import CATEGORY, CLIPRPNModel, RainPattern, RainRouting
+
+PERCEIVE_CHUNK = 16
+
+
+def derainer(handle: ops.ModelHandle, pixels: int = 0) -> Derainer:
+    """A light Derainer on the device ComfyUI loaded the shared model to (no copy of weights)."""
+    dev = H.load_to_device(handle, pixels)
+    return Derainer(handle.model, handle.perceiver, device=dev, dtype=handle.dtype)
+
+
+def _tile_inputs():
+    return [
+        io.Int.Input("tile", default=0, min=0, max=8192, step=8, advanced=True,
+                     tooltip="Tile size in pixels (0 = whole image, tiled automatically above 2 MP). Halved "
+                             "automatically down to 128 when the GPU runs out of memory."),
+        io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=512, step=8, advanced=True,
+                     tooltip="Overlap between tiles; the seams are feathered across it."),
+    ]
+
+
+def perceive(handle: ops.ModelHandle, image: torch.Tensor) -> ops.RainPattern:
+    x = ops.bhwc_to_bchw(image)
+    d = derainer(handle, x.shape[-1] * x.shape[-2])
+    bar = H.Progress(x.shape[0])
+    probs, src = [], "pattern-head"
+    for i in range(0, x.shape[0], PERCEIVE_CHUNK):
+        p, src = d.perceive(x[i:i + PERCEIVE_CHUNK])
+        probs.append(p)
+        bar(min(i + PERCEIVE_CHUNK, x.shape[0]), x.shape[0])
+    return ops.RainPattern(torch.cat(probs), src)
+
+
+def route(handle: ops.ModelHandle, pattern: ops.RainPattern, top_k: int, temperature: float,
+          expert: str) -> ops.RainRouting:
+    if not isinstance(pattern, ops.RainPattern):
+        raise TypeError("pattern must come from a CLIP Rain Perceiver node")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = handle.model.config.num_experts
+    idx = ops.expert_index(expert, n)
+    router = handle.model.router
+    with torch.inference_mode():
+        dev = next(router.parameters()).device
+        w = router(pattern.probs.to(dev), int(top_k), float(temperature), idx).float().cpu()
+    note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
+    return ops.RainRouting(w, handle.experts, note)
+
+
+def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tensor:
+    x = ops.bhwc_to_bchw(image)
+    d = derainer(handle, x.shape[-1] * x.shape[-2])
+    h, w = x.shape[-2:]
+
+    def run(t):
+        total = x.shape[0] * count_tiles(h, w, t, overlap, d.multiple)
+        bar, done = H.Progress(total), [0]
+
+        def step(i, n):
+            bar(done[0] + i, total)
+            if i == n:
+                done[0] += n
+        return d.estimate_mask(x, tile=t, overlap=overlap, progress=step)
+
+    m = ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
+    return m[:, 0]
+
+
+def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP):
+    x = ops.bhwc_to_bchw(image)
+    d = derainer(handle, x.shape[-1] * x.shape[-2])
+    weights = None
+    if routing is not None:
+        if not isinstance(routing, ops.RainRouting):
+            raise TypeError("routing must come from an Expert Router node")
+        weights = routing.weights
+    m = ops.mask_to_b1hw(mask)
+
+    def run(t):
+        bar = [None]
+
+        def step(i, n):
+            if bar[0] is None:
+                bar[0] = H.Progress(n)
+            bar[0](i, n)
+        return d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
+                        tile=t, overlap=int(overlap), progress=step)
+
+    return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
+
+
+class CLIPRainPerceiver(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPRPNRainPerceiver",
+            display_name="CLIP Rain Perceiver",
+            category=CATEGORY,
+            description="Describes the rain in each image (density, orientation, intensity, form) with CLIP "
+                        "zero-shot matching, or with the model's built-in pattern head when no CLIP is loaded.",
+            inputs=[
+                CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
+                io.Image.Input("image", tooltip="Rainy images; every image of the batch is perceived on its own."),
+            ],
+            outputs=[
+                RainPattern.Output("pattern", tooltip="Per-image rain-pattern scores, for the Expert Router."),
+                io.String.Output("summary", tooltip="One readable line per image."),
+                io.Image.Output("chart", tooltip="Bar chart of the scores, one per image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image) -> io.NodeOutput:
+        pattern = perceive(model, image)
+        return io.NodeOutput(pattern, pattern.summary(), H.output(ops.pattern_chart(pattern)))
+
+
+class ExpertRouter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPRPNExpertRouter",
+            display_name="Expert Router",
+            category=CATEGORY,
+            description="Turns rain patterns into expert weights: which restoration experts run on each image.",
+            inputs=[
+                CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
+                RainPattern.Input("pattern", tooltip="From CLIP Rain Perceiver."),
+                io.Int.Input("top_k", default=1, min=1, max=8,
+                             tooltip="How many experts run per image (their weights sum to one)."),
+                io.Float.Input("temperature", default=1.0, min=0.05, max=10.0, step=0.05,
+                               tooltip="Softness of the mix between the top-k experts (higher = more even)."),
+                io.Combo.Input("expert_override", options=ops.expert_choices(), default=ops.EXPERT_AUTO,
+                               tooltip="Force one expert for every image instead of the router's choice."),
+            ],
+            outputs=[
+                RainRouting.Output("routing", tooltip="Per-image expert weights for Cross-Attention Derain."),
+                io.String.Output("summary", tooltip="The experts used per image and their weights."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, pattern, top_k=1, temperature=1.0, expert_override=ops.EXPERT_AUTO) -> io.NodeOutput:
+        r = route(model, pattern, top_k, temperature, expert_override)
+        return io.NodeOutput(r, r.summary())
+
+
+class MaskEstimator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPRPNMaskEstimator",
+            display_name="Rain Mask Estimator",
+            category=CATEGORY,
+            description="Estimates where rain hides the background (1 = rain). The MASK works with any node "
+                        "that takes a MASK, e.g. inpainting or compositing.",
+            inputs=[
+                CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
+                io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
+                *_tile_inputs(),
+            ],
+            outputs=[io.Mask.Output("mask", tooltip="Rain mask per image, 0..1, same size as the image.")],
+        )
+
+    @classmethod
+    def execute(cls, model, image, tile=0, overlap=DEFAULT_OVERLAP) -> io.NodeOutput:
+        return io.NodeOutput(H.output(estimate_mask(model, image, tile, overlap)))
+
+
+class CrossAttentionDerain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPRPNCrossAttentionDerain",
+            display_name="Cross-Attention Derain",
+            category=CATEGORY,
+            description="Removes rain with mask-guided cross-attention and the routed experts. Without a routing "
+                        "input each image is perceived and routed on its own; a MASK input replaces the estimated "
+                        "rain mask. Large images are tiled with feathered overlap.",
+            inputs=[
+                CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
+                io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
+                RainRouting.Input("routing", optional=True,
+                                  tooltip="From Expert Router; one row per image (or one row for all)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Rain mask guiding the attention (1 = rain); resized to the image."),
+                io.Int.Input("top_k", default=1, min=1, max=8, advanced=True,
+                             tooltip="Experts per image when no routing is connected."),
+                io.Float.Input("temperature", default=1.0, min=0.05, max=10.0, step=0.05, advanced=True,
+                               tooltip="Expert mix softness when no routing is connected."),
+                *_tile_inputs(),
+            ],
+            outputs=[
+                io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
+                io.Mask.Output("rain_mask", tooltip="The rain mask the model estimated (1 = rain)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
+                overlap=DEFAULT_OVERLAP) -> io.NodeOutput:
+        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap)
+        return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
+
+
+class CLIPRPNDerain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPRPNDerain",
+            display_name="CLIP-RPN Derain",
+            category=CATEGORY,
+            description="One-node deraining: perceives, routes and restores each image of the batch.",
+            search_aliases=["derain", "remove rain", "rain removal"],
+            inputs=[
+                CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
+                io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
+            ],
+            outputs=[io.Image.Output("image", tooltip="Derained images.")],
+        )
+
+    @classmethod
+    def execute(cls, model, image) -> io.NodeOutput:
+        r = derain(model, image)
+        return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)))
+
+
+NODES = [CLIPRainPerceiver, ExpertRouter, MaskEstimator, CrossAttentionDerain, CLIPRPNDerain]
