@@ -5,7 +5,6 @@ Nothing here imports ComfyUI, so it is unit-tested directly; ``_host.py`` suppli
 services (devices, progress, Cancel) as plain callables."""
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -284,7 +283,22 @@ def pseudo_rain_mask(rainy: torch.Tensor, clean: torch.Tensor, thresh: float = 0
     return ((rainy - clean).abs().amax(1, keepdim=True) > thresh).float()
 
 
-def finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
+def finetune(model: torch.nn.Module, *args, **kw) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` (see ``_finetune``). ComfyUI runs nodes under
+    ``torch.inference_mode``; training needs autograd, and tensors made in inference mode
+    (the loaded weights, the input images) are cloned into ordinary tensors first."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _finetune(model, *args, **kw)
+
+
+def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy with ordinary (non-inference) float32 tensors, on the CPU."""
+    net = type(model)(model.config)
+    net.load_state_dict({k: v.detach().clone().float().cpu() for k, v in model.state_dict().items()})
+    return net
+
+
+def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
              schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
              device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
              perceive: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FinetuneResult:
@@ -301,10 +315,10 @@ def finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, s
         raise ValueError("steps must be at least 1")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"learning rate must be > 0, got {lr}")
-    rainy, clean = rgb_only(rainy).float(), rgb_only(clean).float()
+    rainy, clean = rgb_only(rainy).float().clone(), rgb_only(clean).float().clone()
     check_pairs(rainy, clean)
     device = torch.device(device)
-    net = copy.deepcopy(model).float().to(device).train().requires_grad_(True)
+    net = fresh_copy(model).to(device).train().requires_grad_(True)
     net = net.to(memory_format=torch.contiguous_format)
     # the pattern head and router stay as they are: pairs carry no pattern labels
     net.pattern_head.requires_grad_(False)
