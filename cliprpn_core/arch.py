@@ -215,6 +215,7 @@ class CLIPRPNOutput:
     mask_pyramid: list  # per-level logits
     routing: torch.Tensor  # [B,E] expert weights used
     pattern_logits: torch.Tensor | None  # pattern head logits when it ran
+    router_logits: torch.Tensor | None = None  # router logits when perception ran
 
 
 class CLIPRPN(nn.Module):
@@ -289,10 +290,16 @@ class CLIPRPN(nn.Module):
         return x + self.outro(h), mask_logits, pyramid
 
     def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
-                mask=None) -> CLIPRPNOutput:
+                mask=None, with_pattern=False) -> CLIPRPNOutput:
+        """``routing`` given: use it (training routes by synthetic labels). ``with_pattern``: also run
+        the pattern head and router so their losses share this forward (one DDP forward)."""
+        if pattern_logits is None and (routing is None or with_pattern):
+            pattern_logits = self.perceive(x)
+        router_logits = None
+        if pattern_logits is not None:
+            # the router learns on top of perception; it does not push gradients into the head
+            router_logits = self.router.logits(pattern_probs(pattern_logits).detach())
         if routing is None:
-            if pattern_logits is None:
-                pattern_logits = self.perceive(x)
-            routing = self.router(pattern_probs(pattern_logits), top_k, temperature, override)
+            routing = route(router_logits, top_k, temperature, override)
         img, ml, pyr = self.restore(x, routing, mask)
-        return CLIPRPNOutput(img, ml, pyr, routing, pattern_logits)
+        return CLIPRPNOutput(img, ml, pyr, routing, pattern_logits, router_logits)

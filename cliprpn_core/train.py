@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .arch import CLIPRPN, pattern_probs
+from .arch import CLIPRPN
 from .checkpoint import CheckpointError, load_state_checked, read_metadata, save_model
 from .config import CLIPRPNConfig
 from .imageio import atomic_write_bytes
@@ -165,7 +165,8 @@ class Trainer:
         from .data import MixtureSource, PairedSource, SyntheticSource
         srcs, w = [], []
         if self.cfg.clean_dirs:
-            srcs.append(SyntheticSource(self.cfg.clean_dirs, regime_probs=tuple(self.cfg.regime_probs)))
+            srcs.append(SyntheticSource(self.cfg.clean_dirs, min_side=self.cfg.patch_size,
+                                        regime_probs=tuple(self.cfg.regime_probs)))
             w.append(1.0 - (self.cfg.pair_fraction if self.cfg.pair_dirs else 0.0))
         if self.cfg.pair_dirs:
             srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size))
@@ -181,15 +182,9 @@ class Trainer:
         if self.cfg.channels_last:
             rainy = rainy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            core = self.model
-            plog = core.perceive(rainy)
-            rlog = core.router.logits(pattern_probs(plog).detach())
-            routing = F.one_hot(batch.expert, core.config.num_experts).float()  # synthetic labels route
-            out = m(rainy, routing=routing) if self.world > 1 else None
-            if out is None:
-                img, mlog, pyr = core.restore(rainy, routing)
-            else:
-                img, mlog, pyr = out.image, out.mask_logits, out.mask_pyramid
+            routing = F.one_hot(batch.expert, self.model.config.num_experts).float()  # synthetic labels route
+            out = m(rainy, routing=routing, with_pattern=True)
+            img, mlog, pyr, plog, rlog = out.image, out.mask_logits, out.mask_pyramid, out.pattern_logits, out.router_logits
         img = img.float()
         terms = {k: fn(img, clean) for k, fn in self.losses.items()}
         total = self.schedule(terms, self.step, self.cfg.steps)
@@ -198,6 +193,7 @@ class Trainer:
             ml = ml + 0.25 * self.mask_loss(p.float(), F.adaptive_avg_pool2d(batch.mask, p.shape[-2:]))
         ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
                  for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
+        rlog = rlog.float()
         rce = F.cross_entropy(rlog, batch.expert)
         bal = self.balance(rlog, batch.expert)
         total = total + self.cfg.mask_weight * ml + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
@@ -219,7 +215,7 @@ class Trainer:
         total.backward()
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        self.schedule.observe({k: float(v) for k, v in terms.items()})
+        self.schedule.observe({k: float(v.detach()) for k, v in terms.items()})
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
@@ -361,4 +357,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, progress=True):
-    return Trainer(cfg, progress=progress).fit()
+    try:
+        return Trainer(cfg, progress=progress).fit()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliprpn_core.cli import main
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 41, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(d / "gray.png")
+    return d
+
+
+def test_derain_folder_same_names_and_report(images, tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["derain", str(images), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--device", "cpu",
+               "--save-mask", "--report", str(tmp_path / "r.json"), "-q"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "gray_mask.png", "img0.png", "img0_mask.png",
+                                                      "img1.png", "img1_mask.png"]
+    assert Image.open(out / "img1.png").size == (41, 31)
+    assert Image.open(out / "gray.png").mode == "L"
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert len(rep["images"]) == 3
+    r0 = rep["images"][0]
+    assert r0["status"] == "ok" and r0["perceived_by"] == "pattern-head" and r0["seconds"] > 0
+    assert abs(sum(r0["routing"].values()) - 1) < 1e-3 and "density:" in r0["pattern"]
+
+
+def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    (images / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    rc = main(["derain", str(images), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--device", "cpu", "-q"])
+    assert rc == 2  # partial failure
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "img0.png", "img1.png"]
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "zero.jpg" in err and "empty" in err
+
+
+def test_empty_folder_and_missing_input(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["derain", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt)]) == 1
+    assert "holds no images" in capsys.readouterr().err
+    assert main(["derain", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_message(images, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage!")
+    assert main(["derain", str(images), "-o", str(tmp_path / "o"), "--checkpoint", str(bad)]) == 1
+    assert "not a valid safetensors" in capsys.readouterr().err
+
+
+def test_eval_and_info(tmp_path, tiny_ckpt, capsys):
+    a, b = tmp_path / "pred", tmp_path / "gt"
+    a.mkdir()
+    b.mkdir()
+    img = np.full((16, 16, 3), 100, np.uint8)
+    Image.fromarray(img).save(b / "x.png")
+    img[..., 1] += 2
+    Image.fromarray(img).save(a / "x.png")
+    assert main(["eval", "--pred", str(a), "--gt", str(b), "-q"]) == 0
+    assert "48.131" in capsys.readouterr().out
+    assert main(["info", str(tiny_ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["widths"] == [8, 16] and info["parameters"] > 0
+
+
+def test_synth_writes_labelled_set(tmp_path, capsys):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 130, 3), dtype=np.uint8)).save(clean / "a.png")
+    assert main(["synth", str(clean), "-o", str(tmp_path / "syn"), "-n", "3", "--size", "96"]) == 0
+    labels = json.loads((tmp_path / "syn" / "labels.json").read_text())
+    assert len(labels) == 3 and {"density", "orientation", "intensity", "form", "expert"} <= set(labels["00000.png"])
+    assert Image.open(tmp_path / "syn" / "rain" / "00002.png").size == (96, 96)

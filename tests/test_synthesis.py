@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from cliprpn_core.data import orientation_class
+from cliprpn_core.patterns import ATTRIBUTE_NAMES, EXPERTS
+from cliprpn_core.synthesis import line_kernels, streak_layer, synthesize
+
+
+def _clean(b=4, s=64):
+    torch.manual_seed(0)
+    return torch.rand(b, 3, s, s) * 0.5 + 0.2
+
+
+def test_seeded_and_deterministic():
+    c = _clean()
+    a = synthesize(c, torch.Generator().manual_seed(3))
+    b = synthesize(c, torch.Generator().manual_seed(3))
+    assert torch.equal(a.rainy, b.rainy) and torch.equal(a.labels, b.labels)
+    d = synthesize(c, torch.Generator().manual_seed(4))
+    assert not torch.equal(a.rainy, d.rainy)
+
+
+@pytest.mark.parametrize("regime", range(len(EXPERTS)))
+def test_regimes_shapes_ranges_labels(regime):
+    c = _clean()
+    s = synthesize(c, torch.Generator().manual_seed(0), regime=[regime] * 4)
+    assert s.rainy.shape == c.shape and s.mask.shape == (4, 1, 64, 64)
+    assert 0 <= s.rainy.min() and s.rainy.max() <= 1 and 0 <= s.mask.min() and s.mask.max() <= 1
+    assert s.labels.shape == (4, len(ATTRIBUTE_NAMES))
+    assert (s.expert == regime).all()
+    assert (s.rainy - c).abs().mean() > 0.003  # rain was added
+    if regime == 2:
+        assert (s.labels[:, 3] == 2).all()  # raindrops form
+    if regime == 3:
+        assert (s.labels[:, 3] == 3).all()
+
+
+def test_heavy_is_heavier_than_light():
+    c = _clean(8)
+    g = torch.Generator().manual_seed(0)
+    light = synthesize(c, g, regime=[0] * 8)
+    heavy = synthesize(c, g, regime=[1] * 8)
+    assert (heavy.rainy - c).mean() > 2 * (light.rainy - c).mean()
+
+
+def test_line_kernel_geometry():
+    k = line_kernels([21], [0.0], [0.5], size=25)[0, 0]
+    assert k.sum().item() == pytest.approx(1.0, abs=1e-5)
+    cols = k.sum(0)
+    assert cols.argmax() == 12 and cols[12] > 2 * cols[11] and cols[11] == pytest.approx(cols[13])  # vertical, centred
+    assert int((k.sum(1) > 0).sum()) == 21  # 21 px long
+
+
+@pytest.mark.parametrize("angle,label", [(-25.0, 1), (0.0, 0), (25.0, 2)])
+def test_orientation_labels_agree_with_structure_tensor(angle, label):
+    g = torch.Generator().manual_seed(0)
+    full = lambda v: torch.full((2,), float(v))  # noqa: E731
+    s = streak_layer(2, 96, 96, full(0.005), full(30), full(angle), full(0.5), full(0.8), g, "cpu")
+    assert orientation_class(s).tolist() == [label, label]
+
+
+def test_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        synthesize(torch.rand(1, 1, 32, 32), torch.Generator())

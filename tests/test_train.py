@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cliprpn_core import load_model
+from cliprpn_core.train import TrainConfig, Trainer, lr_at
+
+TINY = {"widths": [8, 16], "enc_blocks": [1], "dec_blocks": [1], "middle_blocks": 1, "expert_blocks": 1,
+        "attn_heads": 2, "attn_cell": 2, "head_width": 8, "head_size": 32}
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    clean = root / "clean"
+    clean.mkdir()
+    yy, xx = np.mgrid[0:80, 0:96]
+    for i in range(4):
+        img = (127 + 60 * np.sin(xx / (5 + i)) [..., None] + 40 * np.cos(yy / 7)[..., None]
+               + rng.normal(0, 5, (80, 96, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(clean / f"c{i}.png")
+    pairs = root / "pairs"
+    (pairs / "rain").mkdir(parents=True)
+    (pairs / "gt").mkdir()
+    for i in range(2):
+        gt = np.asarray(Image.open(clean / f"c{i}.png"))
+        rain = gt.astype(int)
+        rain[:, ::7] += 80
+        Image.fromarray(gt).save(pairs / "gt" / f"heavy_{i}.png")
+        Image.fromarray(rain.clip(0, 255).astype(np.uint8)).save(pairs / "rain" / f"heavy_{i}.png")
+    return clean, pairs
+
+
+def _cfg(tmp_path, data_dirs, **kw):
+    clean, pairs = data_dirs
+    over = [f"out_dir={json.dumps(str(tmp_path / 'run'))}", f"clean_dirs={json.dumps([str(clean)])}",
+            f"pair_dirs={json.dumps([str(pairs)])}", f"model={json.dumps(TINY)}", "batch_size=3", "patch_size=32",
+            "warmup_steps=2", "log_every=2", "ckpt_every=3", "loss_preset=dwa", "threads=1"]
+    over += [f"{k}={json.dumps(v)}" for k, v in kw.items()]
+    return TrainConfig.from_toml(None, over)
+
+
+def test_train_writes_everything(tmp_path, data_dirs):
+    out = Trainer(_cfg(tmp_path, data_dirs, steps=4), progress=False).fit()
+    run = tmp_path / "run"
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert all(np.isfinite(r["total"]) for r in recs)
+    assert (run / "loss_curve.png").stat().st_size > 0
+    assert load_model(out).config.widths == (8, 16)
+    assert not [p for p in run.iterdir() if p.name.endswith(".part")]
+
+
+def test_resume_is_exact(tmp_path, data_dirs):
+    a = tmp_path / "a"
+    a.mkdir()
+    Trainer(_cfg(a, data_dirs, steps=6), progress=False).fit()
+    b = tmp_path / "b"
+    b.mkdir()
+    Trainer(_cfg(b, data_dirs, steps=3), progress=False).fit()
+    Trainer(_cfg(b, data_dirs, steps=6), progress=False).fit()  # resumes at step 3
+    sa, sb = load_file(str(a / "run" / "state.safetensors")), load_file(str(b / "run" / "state.safetensors"))
+    for k in sa:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_interrupt_saves_valid_state(tmp_path, data_dirs):
+    t = Trainer(_cfg(tmp_path, data_dirs, steps=50), progress=False)
+    orig = t.train_step
+
+    def step_then_stop():
+        logs = orig()
+        if t.step == 2:
+            t._on_signal()  # what SIGINT / SIGTERM do
+        return logs
+
+    t.train_step = step_then_stop
+    t.fit()
+    t2 = Trainer(_cfg(tmp_path, data_dirs, steps=50), progress=False)
+    t2.load_state()
+    assert t2.step == 2
+
+
+def test_lr_warmup_cosine():
+    c = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.0)
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(100, c) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_toml(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.from_toml(None, ["steps"])
+    with pytest.raises(ValueError, match="unknown loss preset"):
+        TrainConfig.from_toml(None, ["loss_preset=magic"])
+
+
+def test_torchrun_two_cpu_processes(tmp_path, data_dirs):
+    clean, pairs = data_dirs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}",
+           "-m", "cliprpn_core.train_cli", f"out_dir={json.dumps(str(tmp_path / 'ddp'))}",
+           f"clean_dirs={json.dumps([str(clean)])}", f"pair_dirs={json.dumps([str(pairs)])}",
+           f"model={json.dumps(TINY)}", "batch_size=2", "patch_size=32", "steps=3", "log_every=1",
+           "device=\"cpu\"", "threads=1"]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3]  # only rank 0 logs
+    assert load_model(tmp_path / "ddp" / "model.safetensors").config.widths == (8, 16)
