@@ -41,11 +41,11 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # uint8 [3,H,W]
 
 
-def _random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners=None):
+def _random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners=None, indices=None):
     """n crops of size x size (random rescale, flips) from a list of uint8 [3,H,W] tensors."""
     out, out_p = [], []
-    for _ in range(n):
-        i = int(torch.randint(len(images), (1,), generator=gen))
+    for j in range(n):
+        i = indices[j] if indices is not None else int(torch.randint(len(images), (1,), generator=gen))
         img = images[i]
         s = scale_range[0] + (scale_range[1] - scale_range[0]) * float(torch.rand((), generator=gen))
         h, w = img.shape[-2:]
@@ -154,3 +154,33 @@ class MixtureSource:
         parts = [s.batch(c, size, gen, device) for s, c in zip(self.sources, counts) if c > 0]
         return RainSample(*(torch.cat([getattr(p, f) for p in parts]) for f in
                             ("rainy", "clean", "mask", "labels", "expert")))
+
+
+class RainLayerSource:
+    """Real rain layers (rainy - clean of real pairs) composited over clean photos: real streak
+    statistics on many backgrounds. Light vs heavy from the folder/name hints, as PairedSource."""
+
+    def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None):
+        self.pairs = PairedSource(pair_roots, min_side=min_side)
+        keep = [i for i, h in enumerate(self.pairs.heavy) if only is None or (only == "heavy") == h]
+        if not keep:
+            raise FileNotFoundError(f"no {only} rain pairs under {pair_roots}")
+        self.layers = [(self.pairs.rain[i].short() - self.pairs.gt[i].short()).clamp(0, 255).to(torch.uint8) for i in keep]
+        self.heavy = [self.pairs.heavy[i] for i in keep]
+        self.clean = SyntheticSource(clean_folders, min_side=min_side)
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        # light and heavy layers are drawn equally often, however many of each there are
+        h = torch.tensor(self.heavy, dtype=torch.float32)
+        wts = torch.where(h > 0, 1.0 / max(1.0, float(h.sum())), 1.0 / max(1.0, float((1 - h).sum())))
+        picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
+        layer = _random_crops(self.layers, n, size, gen, device, scale_range=(0.8, 1.2), indices=picks)
+        clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        gain = (0.8 + 0.4 * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
+        rainy = (clean + layer * gain).clamp(0, 1)
+        heavy = torch.tensor([self.heavy[i] for i in picks])
+        lay = (rainy - clean).mean(1, keepdim=True)
+        mask = (lay > 0.03).float() * 0.5 + 0.5 * lay.clamp(0, 1)
+        dens = torch.where(heavy, 2, torch.where((lay > 0.05).float().mean((1, 2, 3)).cpu() > 0.12, 1, 0))
+        labels = torch.stack([dens, orientation_class(lay).cpu(), torch.where(heavy, 2, 0), torch.where(heavy, 1, 0)], 1)
+        return RainSample(rainy, clean, mask, labels.long().to(device), torch.where(heavy, 1, 0).long().to(device))

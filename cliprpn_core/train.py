@@ -36,6 +36,8 @@ class TrainConfig:
     clean_dirs: list = field(default_factory=list)  # synthetic rain over these
     pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
+    layer_dirs: list = field(default_factory=list)  # real rain layers of these pairs over clean_dirs
+    layer_fraction: float = 0.0  # share of each batch from layer_dirs
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
@@ -171,6 +173,13 @@ class Trainer:
         if self.cfg.pair_dirs:
             srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size))
             w.append(self.cfg.pair_fraction if self.cfg.clean_dirs else 1.0)
+        if self.cfg.layer_dirs and self.cfg.layer_fraction > 0:
+            from .data import RainLayerSource
+            if not self.cfg.clean_dirs:
+                raise ValueError("layer_dirs needs clean_dirs (the backgrounds the layers are put on)")
+            srcs.append(RainLayerSource(self.cfg.layer_dirs, self.cfg.clean_dirs, min_side=self.cfg.patch_size))
+            w[0] -= self.cfg.layer_fraction
+            w.append(self.cfg.layer_fraction)
         if not srcs:
             raise ValueError("no training data: set clean_dirs and/or pair_dirs")
         return srcs[0] if len(srcs) == 1 else MixtureSource(srcs, w)
