@@ -1,0 +1,67 @@
+"""Compare the statistics of (rain - clean) of synthetic rain with those of the real training
+pairs in ../shared/data (never a test set), and draw the histograms.
+
+  python benchmarks/calibrate_synthesis.py [--out docs/calibration.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cliprpn_core.data import PairedSource, SyntheticSource  # noqa: E402
+from cliprpn_core.plotting import line_chart  # noqa: E402
+from cliprpn_core.synthesis import rain_layer_stats, synthesize  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+BINS = np.linspace(-0.05, 0.8, 35)
+
+
+def hist(rainy, clean):
+    d = (rainy - clean).mean(1).flatten().numpy()
+    h, _ = np.histogram(d, bins=BINS, density=True)
+    return h.tolist()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "docs" / "calibration.png"))
+    ap.add_argument("--n", type=int, default=48)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    pairs = PairedSource([DATA / "train_pairs_small", DATA / "heavy_train"], min_side=128)
+    light_idx = [i for i, h in enumerate(pairs.heavy) if not h]
+    heavy_idx = [i for i, h in enumerate(pairs.heavy) if h]
+    real = {}
+    for name, idx in (("real light (Rain200L train pairs)", light_idx), ("real heavy (heavy_train, RainTrainH, Rain200H)", heavy_idx)):
+        r = torch.cat([pairs.rain[i].float().flatten(1) for i in idx], 1)[None, :, :, None] / 255
+        c = torch.cat([pairs.gt[i].float().flatten(1) for i in idx], 1)[None, :, :, None] / 255
+        real[name] = (r, c)
+    clean = SyntheticSource([DATA / "clean"], min_side=256)
+    g = torch.Generator().manual_seed(0)
+    crops = __import__("cliprpn_core.data", fromlist=["_random_crops"])._random_crops(clean.images, a.n, 256, g, "cpu", (0.5, 1.0))
+    syn = {"synthetic light_streaks": synthesize(crops, g, regime=[0] * a.n),
+           "synthetic heavy_streaks": synthesize(crops, g, regime=[1] * a.n)}
+    stats, series = {}, {}
+    for k, (r, c) in real.items():
+        stats[k] = rain_layer_stats(r, c)
+        series[k] = hist(r, c)
+    for k, s in syn.items():
+        stats[k] = rain_layer_stats(s.rainy, s.clean)
+        series[k] = hist(s.rainy, s.clean)
+    print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in stats.items()}, indent=2))
+    im = line_chart({k: [v + 1e-4 for v in s] for k, s in series.items()}, width=760, height=400,
+                    title=f"density of mean(rain - clean) over bins {BINS[0]:.2f}..{BINS[-1]:.2f} (log scale)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    im.save(a.out)
+    print("figure:", a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Accuracy of the built-in pattern head (and of the router's expert choice) on held-out
+synthetic labels: rain drawn with a seed never used in training, per attribute.
+
+  python benchmarks/perception.py [--checkpoint CKPT] [--n 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cliprpn_core import default_model_path, load_model, pattern_probs  # noqa: E402
+from cliprpn_core.data import SyntheticSource, _random_crops  # noqa: E402
+from cliprpn_core.patterns import ATTRIBUTES, NUM_CLASSES  # noqa: E402
+from cliprpn_core.synthesis import synthesize  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=str(default_model_path()))
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=987654)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    model = load_model(a.checkpoint)
+    src = SyntheticSource([DATA / "clean"], min_side=a.size)
+    g = torch.Generator().manual_seed(a.seed)
+    correct = torch.zeros(len(ATTRIBUTES))
+    route_ok, n = 0, 0
+    conf = torch.zeros(4, 4, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(a.n // 32):
+            clean = _random_crops(src.images, 32, a.size, g, "cpu", (0.5, 1.0))
+            s = synthesize(clean, g)
+            logits = model.perceive(s.rainy)
+            pred = torch.stack([c.argmax(-1) for c in logits.split(list(NUM_CLASSES), -1)], 1)
+            correct += (pred == s.labels).float().sum(0)
+            chosen = model.router(pattern_probs(logits)).argmax(-1)
+            route_ok += int((chosen == s.expert).sum())
+            for t, p in zip(s.expert.tolist(), chosen.tolist()):
+                conf[t, p] += 1
+            n += 32
+    res = {"images": n, "accuracy": {k: round(float(c) / n, 4) for k, c in zip(ATTRIBUTES, correct)},
+           "chance": {k: round(1 / len(v), 3) for k, v in ATTRIBUTES.items()},
+           "router_expert_accuracy": round(route_ok / n, 4), "router_confusion_rows_true_cols_chosen": conf.tolist()}
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
