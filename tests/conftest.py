@@ -37,7 +37,3 @@ def tiny_ckpt(tmp_path, tiny_model):
     p = tmp_path / "tiny.safetensors"
     save_model(tiny_model, p)
     return p
-
-
-def rain100l_present():
-    return (DATA / "rain100l" / "rain").is_dir()

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from cliprpn_core.metrics import evaluate_folders, psnr_y, rgb_to_y, ssim_y
-from conftest import DATA, rain100l_present
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def rain100l_present():
+    return (DATA / "rain100l" / "rain").is_dir()
 
 
 def test_rgb_to_y_matlab_values():
