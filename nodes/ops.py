@@ -76,7 +76,8 @@ class RainPattern:
     source: str
 
     def summary(self) -> str:
-        return "\n".join(f"image {i + 1}: {P.describe(row)}" for i, row in enumerate(self.probs))
+        lines = [f"image {i + 1}: {P.describe(row)}" for i, row in enumerate(self.probs)]
+        return "\n".join(lines + [f"(perceived by {self.source})"])
 
 
 @dataclass

@@ -53,7 +53,7 @@ def test_pattern_summary_and_chart(ops, pack_core):
         off += n
     pat = ops.RainPattern(probs, "pattern-head")
     lines = pat.summary().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3 and lines[-1] == "(perceived by pattern-head)"
     assert lines[0].startswith("image 1: density: dense (1.00)") and "form: wide streaks" in lines[0]
     assert "density: sparse" in lines[1]
     chart = ops.pattern_chart(pat)
