@@ -57,7 +57,8 @@ def main():
         series[k] = hist(s.rainy, s.clean)
     print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in stats.items()}, indent=2))
     im = line_chart({k: [v + 1e-4 for v in s] for k, s in series.items()}, width=760, height=400,
-                    title=f"density of mean(rain - clean) over bins {BINS[0]:.2f}..{BINS[-1]:.2f} (log scale)")
+                    title="histogram density of mean(rain - clean) per pixel (log scale)",
+                    x_label=f"rain - clean, {BINS[0]:.2f} .. {BINS[-1]:.2f} in {len(BINS) - 1} bins")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     im.save(a.out)
     print("figure:", a.out)

@@ -10,7 +10,8 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127)]
 
 
-def line_chart(series: dict[str, list[float]], width=640, height=360, title="", log_y=True) -> Image.Image:
+def line_chart(series: dict[str, list[float]], width=640, height=360, title="", log_y=True,
+               x_label: str | None = None) -> Image.Image:
     """Curves in one chart; x = index. Non-finite values are skipped."""
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
@@ -37,7 +38,7 @@ def line_chart(series: dict[str, list[float]], width=640, height=360, title="", 
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
         d.text((width - R - 150, T + 4 + 12 * ci), name, fill=col)
-    d.text((L, height - B + 6), f"steps (0..{n - 1})", fill=(80, 80, 80))
+    d.text((L, height - B + 6), x_label or f"steps (0..{n - 1})", fill=(80, 80, 80))
     return im
 
 
