@@ -375,3 +375,25 @@ def test_clip_download_goes_through_the_hub_endpoint(srv):
     assert dest.name in opts and "download: ViT-B-32 LAION-2B" not in opts
     dest.unlink()
     assert srv.alive()
+
+
+def test_whole_batch_and_unload_models(srv):
+    """Every image of a batch is processed; after 'Unload models' (POST /free) the next run loads again."""
+    batch = {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 24, "batch_size": 3, "color": 0x808080}}
+    p = {"1": LOADER, "2": batch,
+         "3": {"class_type": "CLIPRPNSynthesizeRain", "inputs": {"image": ["2", 0], "seed": 1, "regime": "random"}},
+         "4": {"class_type": "CLIPRPNDerain", "inputs": {"model": ["1", 0], "image": ["3", 0]}},
+         "5": {"class_type": "CLIPRPNMaskEstimator", "inputs": {"model": ["1", 0], "image": ["3", 0], "tile": 0,
+                                                               "overlap": 32}},
+         "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+         "7": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}},
+         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
+    hist = srv.run(p)
+    assert cs.status_str(hist) == "success", json.dumps(hist["status"])[:3000]
+    assert len(hist["outputs"]["6"]["images"]) == 3 and len(hist["outputs"]["8"]["images"]) == 3
+    assert load_png(srv.view(hist["outputs"]["6"]["images"][2])).shape == (24, 40, 3)
+    status, _ = srv.post("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    p["3"]["inputs"]["seed"] = 2
+    hist = srv.run(p)
+    assert cs.status_str(hist) == "success", json.dumps(hist["status"])[:3000]
