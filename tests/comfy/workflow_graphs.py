@@ -206,7 +206,7 @@ def strip_meta(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
-def thumbnail(name: str, ui: dict):
+def thumbnail(name: str, ui: dict, object_info: dict | None = None):
     """A small picture of the graph: nodes as boxes (CLIP-RPN nodes highlighted) and links."""
     from PIL import Image, ImageDraw
     w, h = 512, 288
@@ -220,7 +220,7 @@ def thumbnail(name: str, ui: dict):
     box = {}
     for n in ui["nodes"]:
         x0 = 20 + (n["pos"][0] - min(xs)) * s
-        y0 = 44 + (n["pos"][1] - min(ys)) * s
+        y0 = 40 + (n["pos"][1] - min(ys)) * s
         box[n["id"]] = (x0, y0, x0 + 300 * s, y0 + 110 * s)
     for lk in ui["links"]:
         a, b = box[lk[1]], box[lk[3]]
@@ -229,8 +229,16 @@ def thumbnail(name: str, ui: dict):
         x0, y0, x1, y1 = box[n["id"]]
         ours = n["type"].startswith("CLIPRPN")
         d.rectangle([x0, y0, x1, y1], fill=(40, 90, 140) if ours else (70, 74, 82), outline=(220, 220, 220))
-        d.text((x0 + 4, y0 + 4), (n.get("title") or n["type"])[:22], fill=(255, 255, 255))
-    d.text((12, 10), "CLIP-RPN: " + DESCRIPTIONS[name][:70], fill=(255, 255, 255))
+        label = n.get("title") or (object_info or {}).get(n["type"], {}).get("display_name") or n["type"]
+        chars = max(4, int((x1 - x0 - 6) / 5))
+        d.text((x0 + 4, y0 + 4), label if len(label) <= chars else label[:chars - 2] + "..", fill=(255, 255, 255))
+    words, line, lines = DESCRIPTIONS[name].split(), "", []
+    for wd in words:
+        if len(line) + len(wd) > 80:
+            lines.append(line)
+            line = ""
+        line = (line + " " + wd).strip()
+    d.text((12, 6), "\n".join(lines + [line]), fill=(255, 255, 255))
     return im
 
 
@@ -240,7 +248,7 @@ def write_all(object_info: dict, out: Path = WORKFLOWS):
         ui, api = build(name, object_info)
         (out / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
         (out / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
-        thumbnail(name, ui).save(out / f"{name}.jpg", quality=88)
+        thumbnail(name, ui, object_info).save(out / f"{name}.jpg", quality=88)
 
 
 if __name__ == "__main__":
