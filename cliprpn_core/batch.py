@@ -1108,6 +1108,16 @@ class BatchRunner:
         return self.summary()
 
     def _stop_all(self):
+        import signal
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C must not skip the report
+        try:
+            self._cancel_all()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+
+    def _cancel_all(self):
         for b in self.backends:
             if b.alive and b.ours:
                 try:
@@ -1240,7 +1250,17 @@ def cmd_batch(args) -> int:
         meta.update(checkpoint=str(lb.ckpt))
     runner = BatchRunner(jobs, backends, retries=args.retries, overwrite=args.overwrite, server_wait=args.server_wait,
                          progress=not args.quiet, log=log)
-    summary = runner.run()
+    import signal
+
+    def _term(*_):
+        raise KeyboardInterrupt  # `kill PID` stops as cleanly as Ctrl-C
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _term) if main else None
+    try:
+        summary = runner.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
     write_report(report, jobs, summary, meta)
     c = summary["counts"]
     ok = c.get("done", 0) + c.get("skipped", 0)

@@ -8,27 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from batch_helpers import make_images  # noqa: E402
 from fake_comfy import FakeComfy  # noqa: E402
-
-
-def make_images(folder: Path, n: int, size=(24, 16), prefix="img") -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        p = folder / f"{prefix}{i:03d}.png"
-        Image.fromarray(g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(p)
-        out.append(p)
-    return out
 
 
 @pytest.fixture

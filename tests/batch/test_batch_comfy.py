@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "rain100l" / "r
 @pytest.fixture
 def shots(tmp_path):
     """Rain100L crops (or synthetic images when the data set is absent), small enough for CPU."""
-    from conftest import make_images
+    from batch_helpers import make_images
     folder = tmp_path / "shots"
     if not DATA.is_dir():
         return make_images(folder, 10, size=(96, 64), prefix="shot")

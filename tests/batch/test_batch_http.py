@@ -78,7 +78,7 @@ def test_images_go_through_the_server_and_come_back_under_their_names(tmp_path, 
 
 
 def test_work_is_shared_and_foreign_load_is_avoided(tmp_path, fakes):
-    from conftest import make_images
+    from batch_helpers import make_images
     imgs = make_images(tmp_path / "in", 16)
     a, b = fakes(2, delay=0.03)
     b.foreign = 5  # another user's long queue on b
@@ -91,7 +91,7 @@ def test_work_is_shared_and_foreign_load_is_avoided(tmp_path, fakes):
 
 
 def test_killing_a_server_mid_batch_every_image_exactly_once(tmp_path, fakes, monkeypatch):
-    from conftest import make_images
+    from batch_helpers import make_images
     imgs = make_images(tmp_path / "in", 24)
     a, b = fakes(2, delay=0.03)
     writes = Counter()
@@ -160,8 +160,9 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_ctrl_c_stops_cleanly_and_a_rerun_picks_up(tmp_path, fakes):
-    from conftest import make_images
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_cleanly_and_a_rerun_picks_up(tmp_path, fakes, sig):
+    from batch_helpers import make_images
     imgs = make_images(tmp_path / "in", 12)
     fake, = fakes(1, delay=0.25)
     out = tmp_path / "out"
@@ -171,7 +172,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_picks_up(tmp_path, fakes):
         t0 = time.time()
         while not list(out.glob("*.png")) and time.time() - t0 < 30:
             time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:

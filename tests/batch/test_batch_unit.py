@@ -237,7 +237,7 @@ def test_bad_input_does_not_stop_the_rest(tmp_path, images):
 
 
 def test_server_dying_mid_batch_requeues_its_images(tmp_path, writes):
-    from conftest import make_images
+    from batch_helpers import make_images
     imgs = make_images(tmp_path / "in", 30)
     a, b = FakeBackend("a", die_after=4), FakeBackend("b")
     jobs = B.make_jobs([imgs[0].parent], tmp_path / "out")
@@ -292,7 +292,7 @@ def test_resume_skips_complete_outputs_and_redoes_broken_ones(tmp_path, images, 
 
 
 def test_stop_then_rerun_finishes_exactly_the_rest(tmp_path, writes):
-    from conftest import make_images
+    from batch_helpers import make_images
     imgs = make_images(tmp_path / "in", 20)
     out = tmp_path / "out"
     stop = threading.Event()
