@@ -91,6 +91,20 @@ class CLIPRPNLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint, clip=ops.CLIP_NONE, device="auto", dtype="auto"):
+        """Reload when a chosen file is replaced on disk (e.g. a fine-tune saved again under the same
+        name); otherwise the cached model is reused by every prompt."""
+        parts = []
+        for name in (checkpoint, clip):
+            try:
+                p = H.resolve(name, "file")
+                st = p.stat()
+                parts.append(f"{p}:{st.st_mtime_ns}:{st.st_size}")
+            except (OSError, ValueError):
+                parts.append(str(name))
+        return "|".join(parts + [device, dtype])
+
+    @classmethod
     def execute(cls, checkpoint, clip=ops.CLIP_NONE, device="auto", dtype="auto") -> io.NodeOutput:
         return io.NodeOutput(load_handle(checkpoint, clip, device, dtype))
 

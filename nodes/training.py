@@ -122,7 +122,9 @@ class LossScheduledFinetune(io.ComfyNode):
                                                     "schedule": schedule, "learning_rate": learning_rate})
             report += f"; saved to {dest}"
             log.info("CLIP-RPN: saved fine-tuned model to %s", dest)
-        net = res.model.to(model.dtype)
+        # hand the copy to ComfyUI where it keeps idle models; load_models_gpu moves it when used
+        offload = model.patcher.offload_device if model.patcher is not None else torch.device("cpu")
+        net = res.model.to(offload, model.dtype)
         out = ops.ModelHandle(net, model.perceiver, model.dtype, name=name or f"{model.name} (fine-tuned)",
                               clip_name=model.clip_name, module=torch.nn.ModuleDict({"rpn": net}))
         if model.patcher is not None:

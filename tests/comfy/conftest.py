@@ -3,29 +3,15 @@ ComfyUI server (integration tests; COMFYUI_DIR must point at a ComfyUI checkout,
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PACK_NAME = "cliprpn_pack_under_test"
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_server  # noqa: E402  (helpers next to this file)
-
-
-def import_pack():
-    """The repo root as a package (ComfyUI imports it the same way: by path, under any name)."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[PACK_NAME]
+from packutil import PACK_NAME, REPO, import_pack  # noqa: E402
 
 
 @pytest.fixture(scope="session")

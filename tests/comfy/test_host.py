@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_NAME, REPO, import_pack
+from packutil import PACK_NAME, REPO, import_pack
 
 
 class FakeInterrupt(BaseException):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -242,6 +243,19 @@ def test_finetune_saves_atomically_and_the_result_is_listed(srv):
     opts = srv.object_info()["CLIPRPNLoader"]["input"]["required"]["checkpoint"][1]["options"]
     assert "ft_saved.safetensors" in opts
     assert not (REPO / "models" / "ft_saved.safetensors").exists()
+    # the saved model loads in the loader; replacing the file on disk makes the loader load it again
+    p = {"1": {**LOADER, "inputs": {**LOADER["inputs"], "checkpoint": "ft_saved.safetensors"}},
+         "2": {"class_type": "LoadImage", "inputs": {"image": "small.png"}},
+         "3": {"class_type": "CLIPRPNDerain", "inputs": {"model": ["1", 0], "image": ["2", 0]}},
+         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    n0 = srv.log().count("CLIP-RPN: loaded ft_saved")
+    assert cs.status_str(srv.run(p)) == "success"
+    assert cs.status_str(srv.run(p)) == "success"
+    assert srv.log().count("CLIP-RPN: loaded ft_saved") == n0 + 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cs.status_str(srv.run(p)) == "success"
+    assert srv.log().count("CLIP-RPN: loaded ft_saved") == n0 + 2
 
 
 def test_interrupt_during_finetune_leaves_no_file(srv):
