@@ -847,6 +847,10 @@ class ComfyBackend(Backend):
                 hist = self.client.history(pid)
                 if history_state(hist):
                     return hist
+        try:  # don't leave it queued on a server that may wake up later
+            self.client.cancel([pid])
+        except (BatchError, ServerUnreachable):
+            pass
         raise BatchError(f"no result within {self.timeout:.0f}s (prompt {pid})")
 
     def _final_history(self, pid):
@@ -1246,6 +1250,9 @@ def cmd_batch(args) -> int:
         except KeyboardInterrupt:
             log("interrupted")
             return 130
+        except (OSError, ValueError, RuntimeError) as e:
+            log(f"error: cannot load the model: {e}")
+            return 1
         backends.append(lb)
         meta.update(checkpoint=str(lb.ckpt))
     runner = BatchRunner(jobs, backends, retries=args.retries, overwrite=args.overwrite, server_wait=args.server_wait,

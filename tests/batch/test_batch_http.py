@@ -217,3 +217,12 @@ def test_add_batch_parser_registers_the_subcommand():
     B.add_batch_parser(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["batch", "in", "-o", "out", "--server", "h:1", "--server", "h:2"])
     assert a.fn is B.cmd_batch and a.server == ["h:1", "h:2"] and a.depth == 2 and a.retries == 2
+
+
+def test_a_hung_server_times_out_and_its_prompt_is_withdrawn(tmp_path, images, fakes):
+    fake, = fakes(1)
+    fake.freeze = True  # accepts prompts, never runs them
+    jobs = B.make_jobs([images[0]], tmp_path / "out")
+    r, s = run(jobs, [backend(fake, timeout=1.0)], retries=0)
+    assert jobs[0].status == "failed" and "no result within" in jobs[0].error
+    assert fake.prompts_seen == 1 and fake.pending == []
