@@ -82,6 +82,46 @@ def test_bad_inputs_and_workflow_errors_against_a_real_server(tmp_path, shots, c
     assert srv.alive()
 
 
+def test_full_graph_workflow_polling_and_ctrl_c_against_a_real_server(tmp_path, shots, comfy_servers):
+    """Our full-graph workflow (several preview nodes, one SaveImage), followed by polling /history;
+    then the CLI is interrupted with SIGINT mid-batch: exit 130, our prompts leave the server's
+    queue, no partial file, and a rerun finishes exactly the rest."""
+    import subprocess
+    import sys
+    import time
+    srv = comfy_servers[0]
+    out = tmp_path / "full"
+    rc = B.main([str(shots[0]), str(shots[1]), "-o", str(out), "--server", srv.url, "--workflow", "full_graph",
+                 "--no-websocket", "-q"])
+    assert rc == 0
+    doc = json.loads((out / "batch_report.json").read_text())
+    assert doc["output_node"] == "11" and doc["summary"]["counts"] == {"done": 2}
+    out = tmp_path / "out"
+    repo = Path(B.__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "cliprpn_core.batch", str(shots[0].parent), "-o", str(out), "--server", srv.url,
+            "--depth", "3", "-q"]
+    p = subprocess.Popen(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not list(out.glob("*.png")) and time.time() - t0 < 120:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    first = {q.name for q in out.glob("*.png")}
+    assert 1 <= len(first) < len(shots) and not list(out.glob(".*.part"))
+    q = srv.get("/queue")
+    assert not q["queue_pending"]  # ours were deleted (a running one is interrupted)
+    rc = B.main([str(shots[0].parent), "-o", str(out), "--server", srv.url, "-q"])
+    assert rc == 0
+    doc = json.loads((out / "batch_report.json").read_text())
+    assert doc["summary"]["counts"] == {"skipped": len(first), "done": len(shots) - len(first)}
+    assert srv.alive()
+
+
 def test_killing_a_server_mid_batch(tmp_path, shots, comfy_servers, monkeypatch):
     """Runs last in this module: one of the two servers is SIGKILLed after a few images."""
     victim, survivor = comfy_servers
