@@ -152,11 +152,12 @@ def collect_inputs(specs) -> list[tuple[Path, str]]:
                     continue
                 q = Path(line).expanduser()
                 q = q if q.is_absolute() else p.parent / q
-                add(q, "" if q.is_file() else f"{q} (listed in {p.name}) does not exist")
+                add(q, "" if q.is_file() else f"{q} (listed in {p.name}) "
+                    + ("is not a file" if q.exists() else "does not exist"))
         elif p.is_file():
             add(p)
         elif _has_glob(str(spec)):
-            found = sorted(Path(q) for q in glob.glob(str(spec)) if Path(q).is_file())
+            found = sorted(Path(q) for q in glob.glob(str(spec), recursive=True) if Path(q).is_file())
             if not found:
                 add(p, f"pattern {spec} matches no files")
             for q in found:
