@@ -1132,9 +1132,10 @@ class BatchRunner:
         for j, b, t in list(self.inflight.values()):
             self._release(j, b, t)
             j.status, j.error = "interrupted", "stopped before it finished"
-        for j in self.pending:
-            j.status, j.error = "interrupted", "stopped before it started"
         self.pending.clear()
+        for j in self.jobs:  # incl. one whose result was being written when the signal came
+            if j.status in ("pending", "running"):
+                j.status, j.error = "interrupted", "stopped before it finished" if j.server else "stopped before it started"
 
     def summary(self) -> dict:
         counts = {}

@@ -368,3 +368,18 @@ def test_history_helpers():
     assert B.history_state(None) is None and B.history_state({"status": {"messages": []}}) is None
     assert B.normalize_url("127.0.0.1:8188/") == "http://127.0.0.1:8188"
     assert B.ComfyClient("https://h:1/base").ws_url("c") == "wss://h:1/base/ws?clientId=c"
+
+
+def test_interrupt_while_an_output_is_written_leaves_no_job_running(tmp_path, images, monkeypatch):
+    real, n = B.write_output, {"calls": 0}
+
+    def write(out, dst):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C lands in the middle of writing a result
+        real(out, dst)
+    monkeypatch.setattr(B, "write_output", write)
+    jobs = B.make_jobs([images[0].parent], tmp_path / "out")
+    r, s = run(jobs, [FakeBackend("a", slots=1)])
+    assert r.interrupted and set(s["counts"]) == {"done", "interrupted"} and s["counts"]["done"] == 2
+    assert not list((tmp_path / "out").glob(".*.part"))
