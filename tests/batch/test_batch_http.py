@@ -226,3 +226,17 @@ def test_a_hung_server_times_out_and_its_prompt_is_withdrawn(tmp_path, images, f
     r, s = run(jobs, [backend(fake, timeout=1.0)], retries=0)
     assert jobs[0].status == "failed" and "no result within" in jobs[0].error
     assert fake.prompts_seen == 1 and fake.pending == []
+
+
+def test_wires_into_the_cliprpn_cli(tmp_path, images, tiny_ckpt):
+    import argparse
+
+    from cliprpn_core import cli
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    if "batch" not in sub.choices:  # until cli.build_parser registers it
+        B.add_batch_parser(sub)
+    args = p.parse_args(["batch", str(images[0].parent), "-o", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt),
+                         "--device", "cpu", "--threads", "1", "-q", "--report", str(tmp_path / "r.csv")])
+    assert args.fn is B.cmd_batch
+    assert args.fn(args) == 0 and len(list((tmp_path / "o").glob("*.png"))) == len(images)
