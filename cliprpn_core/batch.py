@@ -50,6 +50,15 @@ UPLOAD_SUBFOLDER = "cliprpn_batch"
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask", "LoadImageOutput")
 SAVERS = ("SaveImage",)
 PREVIEWERS = ("PreviewImage",)
+# workflows/api/clip_rpn_basic_derain.json, for installs that carry only the cliprpn_core package
+BUILTIN_BASIC = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "rainy.png"}},
+    "2": {"class_type": "CLIPRPNLoader", "inputs": {"checkpoint": "clip_rpn_default.safetensors",
+                                                    "clip": "none (built-in pattern head)", "device": "auto",
+                                                    "dtype": "auto"}},
+    "3": {"class_type": "CLIPRPNDerain", "inputs": {"model": ["2", 0], "image": ["1", 0]}},
+    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "clip_rpn/derained"}},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +291,9 @@ def load_workflow(spec: str | None) -> tuple[dict, str]:
                 p = cand
                 break
         else:
-            ours = ", ".join(sorted(q.stem for q in API_WORKFLOWS.glob("*.json")))
+            if stem in (DEFAULT_WORKFLOW, "basic_derain") and not API_WORKFLOWS.is_dir():
+                return copy.deepcopy(BUILTIN_BASIC), f"built-in {DEFAULT_WORKFLOW}"
+            ours = ", ".join(sorted(q.stem for q in API_WORKFLOWS.glob("*.json"))) or "not installed here"
             raise WorkflowError(f"workflow {spec!r} is neither a file nor one of ours ({ours})")
     try:
         wf = json.loads(p.read_text(encoding="utf-8"))

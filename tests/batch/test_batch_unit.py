@@ -383,3 +383,14 @@ def test_interrupt_while_an_output_is_written_leaves_no_job_running(tmp_path, im
     r, s = run(jobs, [FakeBackend("a", slots=1)])
     assert r.interrupted and set(s["counts"]) == {"done", "interrupted"} and s["counts"]["done"] == 2
     assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_builtin_basic_workflow_matches_the_file_and_is_used_without_the_folder(monkeypatch, tmp_path):
+    wf, _ = B.load_workflow(None)
+    strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}
+    assert strip == B.BUILTIN_BASIC
+    monkeypatch.setattr(B, "API_WORKFLOWS", tmp_path / "absent")
+    wf2, origin = B.load_workflow(None)
+    assert wf2 == B.BUILTIN_BASIC and origin.startswith("built-in")
+    with pytest.raises(B.WorkflowError, match="not installed here"):
+        B.load_workflow("full_graph")
