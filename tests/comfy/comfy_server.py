@@ -230,6 +230,32 @@ class ComfyServer:
         assert status == 200, f"prompt rejected ({status}): {json.dumps(body, indent=1)[:3000]}"
         return self.wait(body["prompt_id"], timeout)
 
+    def open_ws(self):
+        """A websocket on /ws for this client id (progress events), or None when no client is at hand."""
+        try:
+            from cliprpn_core.batch import WebSocket
+        except ImportError:
+            return None
+        return WebSocket(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=10)
+
+    @staticmethod
+    def events(ws, stop, timeout=RUN_TIMEOUT):
+        """Yield JSON events from ``ws`` until ``stop(event)`` is true (that event included)."""
+        import socket as _socket
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                op, payload = ws.recv(timeout=max(0.1, timeout - (time.time() - t0)))
+            except _socket.timeout:
+                break
+            if op != 1:
+                continue  # binary previews
+            ev = json.loads(payload)
+            yield ev
+            if stop(ev):
+                return
+        raise TimeoutError("websocket: expected event did not arrive")
+
     def running(self) -> bool:
         q = self.get("/queue")
         return bool(q.get("queue_running"))

@@ -196,7 +196,24 @@ def test_loader_runs_once_for_many_consumers(srv):
         "11": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
     }
     n0 = srv.log().count("CLIP-RPN: loaded")
-    hist = srv.run(prompt)
+    ws = srv.open_ws()
+    status, body = srv.queue(prompt)
+    assert status == 200, body
+    if ws is not None:  # tiled nodes report progress per tile: 64x64, tile 32 -> the core's tile count
+        from cliprpn_core import default_model_path, read_config
+        from cliprpn_core.inference import count_tiles
+        try:
+            evs = list(srv.events(ws, lambda e: e["type"] in ("execution_success", "execution_error")
+                                  and e["data"].get("prompt_id") == body["prompt_id"]))
+        finally:
+            ws.close()
+        tiles = count_tiles(64, 64, 32, 8, read_config(default_model_path()).pad_multiple)
+        assert tiles > 1
+        for node in ("5", "6"):
+            prog = [e["data"] for e in evs if e["type"] == "progress" and e["data"].get("node") == node]
+            assert prog and all(p["max"] == tiles for p in prog), (node, prog)
+            assert prog[-1]["value"] == tiles
+    hist = srv.wait(body["prompt_id"])
     assert cs.status_str(hist) == "success", json.dumps(hist["status"])[:3000]
     assert srv.log().count("CLIP-RPN: loaded") == n0 + 1
     assert hist["outputs"]["10"]["text"][0].strip() == "image 1: veil=1.00"  # the override reached the router
@@ -260,13 +277,22 @@ def test_finetune_saves_atomically_and_the_result_is_listed(srv):
 
 def test_interrupt_during_finetune_leaves_no_file(srv):
     import time
+    ws = srv.open_ws()
     status, body = srv.queue(_finetune_prompt(100000, "interrupted_model"))
     assert status == 200, body
     pid = body["prompt_id"]
-    t0 = time.time()
-    while not srv.running() and time.time() - t0 < 60:
-        time.sleep(0.2)
-    time.sleep(4)  # well inside the fine-tune loop (loader + synthesis take < 2 s)
+    if ws is not None:  # interrupt once the fine-tune reports progress (steps are running)
+        try:
+            evs = list(srv.events(ws, lambda e: e["type"] == "progress" and e["data"].get("node") == "4"
+                                  and e["data"]["value"] >= 1, timeout=120))
+        finally:
+            ws.close()
+        assert evs[-1]["data"]["max"] == 100000
+    else:
+        t0 = time.time()
+        while not srv.running() and time.time() - t0 < 60:
+            time.sleep(0.2)
+        time.sleep(4)  # well inside the fine-tune loop (loader + synthesis take < 2 s)
     srv.post("/interrupt")
     hist = srv.wait(pid, timeout=60)
     msgs = cs.messages(hist)
