@@ -437,3 +437,28 @@ def test_whole_batch_and_unload_models(srv):
     p["3"]["inputs"]["seed"] = 2
     hist = srv.run(p)
     assert cs.status_str(hist) == "success", json.dumps(hist["status"])[:3000]
+
+
+def test_interrupt_during_tiled_derain(srv):
+    """Cancel is honoured between tiles: the prompt ends as interrupted and the server keeps serving."""
+    p = {"1": LOADER,
+         "2": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256, "batch_size": 4, "color": 0x606060}},
+         "3": {"class_type": "CLIPRPNCrossAttentionDerain",
+               "inputs": {"model": ["1", 0], "image": ["2", 0], "top_k": 1, "temperature": 1.0, "tile": 32,
+                          "overlap": 16}},
+         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    ws = srv.open_ws()
+    if ws is None:
+        pytest.skip("no websocket client available")
+    status, body = srv.queue(p)
+    assert status == 200, body
+    try:
+        list(srv.events(ws, lambda e: e["type"] == "progress" and e["data"].get("node") == "3", timeout=120))
+    finally:
+        ws.close()
+    srv.post("/interrupt")
+    hist = srv.wait(body["prompt_id"], timeout=60)
+    msgs = cs.messages(hist)
+    assert "execution_interrupted" in msgs, json.dumps(hist["status"])[:2000]
+    assert msgs["execution_interrupted"]["node_type"] == "CLIPRPNCrossAttentionDerain"
+    assert srv.alive() and srv.get("/system_stats")
