@@ -925,6 +925,14 @@ class BatchRunner:
         self.interrupted = False
         self.wall = 0.0
         self.bar = None
+        self._live = None  # (image name, value, max) of the latest websocket progress message
+        self._shown = None
+        for b in backends:
+            if getattr(b, "progress", 0) is None:
+                b.progress = self._on_progress
+
+    def _on_progress(self, job, value, maximum):
+        self._live = (job.src.name, value, maximum)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _prepare(self):
@@ -954,7 +962,9 @@ class BatchRunner:
     def _postfix(self):
         parts = [f"{_short_name(b.name)}:{b.done}{'' if b.alive else '(down)'}" for b in self.backends]
         bad = sum(j.status in ("failed", "error") for j in self.jobs)
-        return " ".join(parts) + (f" failed/bad:{bad}" if bad else "")
+        live = self._live
+        return " ".join(parts) + (f" failed/bad:{bad}" if bad else "") + (
+            f" | {live[0]} {live[1]}/{live[2]}" if live else "")
 
     def _dispatch(self, job: Job, b: Backend):
         job.status, job.server = "running", b.name
@@ -1102,6 +1112,9 @@ class BatchRunner:
                             j.status, j.error = "not-run", f"no server reachable for {self.server_wait:.0f}s"
                         self.pending.clear()
                         break
+                if self.bar is not None and self._live != self._shown:
+                    self._shown = self._live
+                    self.bar.set_postfix_str(self._postfix())
                 try:
                     item = self.results.get(timeout=0.1)
                 except queue.Empty:
