@@ -403,7 +403,18 @@ def test_clip_download_goes_through_the_hub_endpoint(srv):
          "2": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
          "3": {"class_type": "CLIPRPNDerain", "inputs": {"model": ["1", 0], "image": ["2", 0]}},
          "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
-    hist = srv.run(p)
+    ws = srv.open_ws()
+    status, body = srv.queue(p)
+    assert status == 200, body
+    if ws is not None:
+        try:
+            evs = list(srv.events(ws, lambda e: e["type"] in ("execution_error", "execution_success")
+                                  and e["data"].get("prompt_id") == body["prompt_id"]))
+        finally:
+            ws.close()
+        prog = [e["data"] for e in evs if e["type"] == "progress" and e["data"].get("node") == "1"]
+        assert prog and prog[-1]["max"] == len(payload) and prog[-1]["value"] == len(payload), prog
+    hist = srv.wait(body["prompt_id"])
     dest = srv.models / "clip_rpn" / "ViT-B-32__laion2b_s34b_b79k.safetensors"
     assert any("/resolve/" in r and "laion" in r.lower() for r in srv.hub.requests), srv.hub.requests
     assert dest.is_file() and dest.read_bytes() == payload
