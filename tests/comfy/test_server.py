@@ -130,6 +130,7 @@ def test_ui_workflow_matches_api_copy(srv, name):
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     api = json.loads((API_DIR / f"{name}.json").read_text())
     assert wg.ui_to_api(ui, info) == wg.strip_meta(api)
+    assert wg.build(name, info) == (ui, api), "workflows/ is stale: rerun tests/comfy/workflow_graphs.py"
     assert (REPO / "workflows" / f"{name}.jpg").is_file()
     types = {lk[0]: lk[5] for lk in ui["links"]}
     for node in ui["nodes"]:  # every link carries the type its source outputs
