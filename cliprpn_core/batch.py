@@ -367,6 +367,67 @@ def rewrite_workflow(wf: dict, image_node: str, image_name: str, output_node: st
     return out
 
 
+PERCEIVER, ROUTER, LOADER, TEXT_TAP = "CLIPRPNRainPerceiver", "CLIPRPNExpertRouter", "CLIPRPNLoader", "PreviewAny"
+EXPERT_AUTO = "auto (router decides)"
+
+
+def _new_id(wf: dict) -> str:
+    return str(max([int(k) for k in wf if str(k).isdigit()] + [0]) + 1)
+
+
+def add_pattern_taps(wf: dict, image_node: str, add_nodes: bool = False) -> tuple[dict, dict]:
+    """A copy of ``wf`` where the summaries of its Rain Perceiver / Expert Router feed PreviewAny
+    nodes (their text comes back in /history), and {"pattern"|"routing": tap node id}.
+    ``add_nodes`` first adds a perceiver and a router on the image (same defaults as CLIP-RPN
+    Derain: top_k 1, auto) when the workflow has a CLIP-RPN Loader but no perceiver/router."""
+    out = copy.deepcopy(wf)
+    first = (lambda kind: next((k for k in sorted(out, key=_node_order) if out[k]["class_type"] == kind), None))
+    perc, rout = first(PERCEIVER), first(ROUTER)
+    loader = first(LOADER)
+    if add_nodes and perc is None and loader is not None:
+        perc = _new_id(out)
+        out[perc] = {"class_type": PERCEIVER, "inputs": {"model": [loader, 0], "image": [image_node, 0]}}
+    if add_nodes and rout is None and perc is not None:
+        rout = _new_id(out)
+        out[rout] = {"class_type": ROUTER, "inputs": {"model": out[perc]["inputs"].get("model", [loader, 0]),
+                                                      "pattern": [perc, 0], "top_k": 1, "temperature": 1.0,
+                                                      "expert_override": EXPERT_AUTO}}
+    taps = {}
+    for kind, node in (("pattern", perc), ("routing", rout)):
+        if node is not None:
+            tid = _new_id(out)
+            out[tid] = {"class_type": TEXT_TAP, "inputs": {"source": [node, 1]}}
+            taps[kind] = tid
+    return out, taps
+
+
+def parse_pattern_text(text: str) -> tuple[str | None, str | None]:
+    """Rain Perceiver summary -> (pattern line of the first image, perceived_by)."""
+    pattern = by = None
+    for line in str(text).splitlines():
+        line = line.strip()
+        if line.startswith("image ") and ":" in line and pattern is None:
+            pattern = line.split(":", 1)[1].strip()
+        elif line.startswith("(perceived by") and line.endswith(")"):
+            by = line[len("(perceived by"):-1].strip()
+    return pattern, by
+
+
+def parse_routing_text(text: str) -> dict | None:
+    """Expert Router summary ('image 1: light_streaks=1.00, veil=0.00') -> {expert: weight}."""
+    for line in str(text).splitlines():
+        if line.strip().startswith("image ") and ":" in line:
+            out = {}
+            for part in line.split(":", 1)[1].split(","):
+                k, _, v = part.strip().partition("=")
+                try:
+                    out[k.strip()] = round(float(v), 4)
+                except ValueError:
+                    continue
+            return out or None
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # a minimal RFC 6455 websocket client (text/binary frames, ping/pong, close; no extensions)
 class WebSocketClosed(ConnectionError):
@@ -744,11 +805,16 @@ class ComfyBackend(Backend):
     """One ComfyUI server: upload, queue, follow, download."""
 
     def __init__(self, url: str, workflow: dict, image_node: str, output_node: str, slots: int = 2,
-                 timeout: float = 600.0, use_ws: bool = True, run_tag: str | None = None, progress=None):
+                 timeout: float = 600.0, use_ws: bool = True, run_tag: str | None = None, progress=None,
+                 pattern: bool | None = None):
         super().__init__()
         self.client = ComfyClient(url)
         self.name = self.client.url
         self.workflow, self.image_node, self.output_node = workflow, image_node, output_node
+        # pattern: None = tap the workflow's own perceiver/router if it has them, True = also add
+        # them to workflows without, False = never touch the workflow beyond image and prefix
+        self.pattern = pattern
+        self._tapped = None  # (workflow, taps) once we know the server has PreviewAny
         self.slots, self.timeout, self.use_ws = max(1, slots), timeout, use_ws
         self.run_tag = run_tag or uuid.uuid4().hex[:8]
         self.progress = progress
@@ -757,6 +823,23 @@ class ComfyBackend(Backend):
 
     def ping(self) -> bool:
         return self.client.ping()
+
+    def _template(self):
+        """The workflow to send, with pattern/routing taps where the server can run them."""
+        with self._lock:
+            if self._tapped is None:
+                wf, taps = self.workflow, {}
+                if self.pattern is not False:
+                    cand, t = add_pattern_taps(self.workflow, self.image_node, bool(self.pattern))
+                    if t:
+                        try:
+                            info = self.client.request(f"/object_info/{TEXT_TAP}", timeout=10)
+                            if isinstance(info, dict) and TEXT_TAP in info:
+                                wf, taps = cand, t
+                        except BatchError:
+                            pass
+                self._tapped = (wf, taps)
+            return self._tapped
 
     def refresh_depth(self) -> None:
         running, pending = self.client.queue()
@@ -792,7 +875,8 @@ class ComfyBackend(Backend):
         uname = f"{self.run_tag}_{job.index:05d}_{job.src.name}"
         name = self.client.upload(data, uname, UPLOAD_SUBFOLDER)
         stem = Path(job.src.name).stem
-        prompt = rewrite_workflow(self.workflow, self.image_node, name, self.output_node,
+        template, taps = self._template()
+        prompt = rewrite_workflow(template, self.image_node, name, self.output_node,
                                   f"{UPLOAD_SUBFOLDER}/{self.run_tag}_{job.index:05d}_{job.token}_{stem}")
         client_id = uuid.uuid4().hex
         ws = self._open_ws(client_id)
@@ -819,11 +903,18 @@ class ComfyBackend(Backend):
             raise BatchError(f"node {self.output_node} produced no image (outputs: {sorted(hist.get('outputs', {}))})")
         png = self.client.view(images[0])
         self.client.forget(pid)
-        pattern, routing = _extras(hist.get("outputs") or {})
+        outputs = hist.get("outputs") or {}
+        pattern, routing = _extras({k: v for k, v in outputs.items() if k not in taps.values()})
+        by = None
+        text = lambda kind: " ".join(map(str, (outputs.get(taps.get(kind)) or {}).get("text") or []))  # noqa: E731
+        if text("pattern"):
+            pattern, by = parse_pattern_text(text("pattern"))
+        if text("routing"):
+            routing = parse_routing_text(text("routing"))
         fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}.get(
             images[0].get("filename", "").rsplit(".", 1)[-1].lower(), "PNG")
         return Output(data=png, fmt=fmt, seconds=time.perf_counter() - t0,
-                      exec_seconds=history_exec_seconds(hist), pattern=pattern, routing=routing)
+                      exec_seconds=history_exec_seconds(hist), pattern=pattern, routing=routing, perceived_by=by)
 
     def _wait(self, pid: str, ws, job: Job) -> dict:
         deadline = time.monotonic() + self.timeout
@@ -1223,6 +1314,10 @@ def add_batch_parser(subparsers):
     b.add_argument("--server-wait", type=float, default=60,
                    help="seconds to wait for a server to come back when none is reachable")
     b.add_argument("--no-websocket", action="store_true", help="follow prompts by polling /history")
+    b.add_argument("--pattern", action=argparse.BooleanOptionalAction, default=None,
+                   help="servers: report rain pattern and routing. Default: when the workflow has a Rain Perceiver "
+                        "/ Expert Router; --pattern also adds them to workflows without (one extra perception "
+                        "pass); --no-pattern sends the workflow untouched")
     b.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
     b.add_argument("--format", default="same", choices=["same", "png", "jpg", "webp", "tif"],
                    help="output format: 'same' keeps each input's name and format (default)")
@@ -1265,7 +1360,7 @@ def cmd_batch(args) -> int:
         tag = uuid.uuid4().hex[:8]
         for url in dict.fromkeys(normalize_url(u) for u in args.server):
             backends.append(ComfyBackend(url, wf, image_node, output_node, slots=args.depth, timeout=args.timeout,
-                                         use_ws=not args.no_websocket, run_tag=tag))
+                                         use_ws=not args.no_websocket, run_tag=tag, pattern=args.pattern))
         for b in backends:
             if not b.ping():
                 b.alive, b.dead_since = False, time.monotonic()

@@ -122,6 +122,28 @@ def test_full_graph_workflow_polling_and_ctrl_c_against_a_real_server(tmp_path, 
     assert srv.alive()
 
 
+def test_pattern_and_routing_come_back_from_the_server(tmp_path, shots, comfy_servers):
+    """--pattern adds perceiver + router taps to the basic workflow; the full graph has its own.
+    Either way the report carries the same pattern and routing as an in-process run."""
+    srv = comfy_servers[0]
+    two = [str(p) for p in shots[:2]]
+    rc = B.main([*two, "-o", str(tmp_path / "a"), "--server", srv.url, "--pattern", "-q"])
+    assert rc == 0
+    rc = B.main([*two, "-o", str(tmp_path / "b"), "--server", srv.url, "--workflow", "full_graph", "-q"])
+    assert rc == 0
+    rc = B.main([*two, "-o", str(tmp_path / "c"), "--threads", "1", "--device", "cpu", "--dtype", "fp32", "-q"])
+    assert rc == 0
+    rows = {k: json.loads((tmp_path / k / "batch_report.json").read_text())["images"] for k in "abc"}
+    for i in range(2):
+        local = rows["c"][i]
+        for k in "ab":
+            r = rows[k][i]
+            assert r["pattern"] == local["pattern"] and r["routing"] == local["routing"], (k, r, local)
+            assert r["perceived_by"] == "pattern-head"
+    rc = B.main([*two, "-o", str(tmp_path / "d"), "--server", srv.url, "-q"])  # basic, untouched: no pattern
+    assert json.loads((tmp_path / "d" / "batch_report.json").read_text())["images"][0]["pattern"] is None
+
+
 def test_killing_a_server_mid_batch(tmp_path, shots, comfy_servers, monkeypatch):
     """Runs last in this module: one of the two servers is SIGKILLed after a few images."""
     victim, survivor = comfy_servers

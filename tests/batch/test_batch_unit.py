@@ -394,3 +394,24 @@ def test_builtin_basic_workflow_matches_the_file_and_is_used_without_the_folder(
     assert wf2 == B.BUILTIN_BASIC and origin.startswith("built-in")
     with pytest.raises(B.WorkflowError, match="not installed here"):
         B.load_workflow("full_graph")
+
+
+def test_pattern_taps_and_their_parsing():
+    wf, _ = B.load_workflow("full_graph")
+    img = B.find_image_node(wf)
+    tapped, taps = B.add_pattern_taps(wf, img)
+    assert set(taps) == {"pattern", "routing"} and len(tapped) == len(wf) + 2
+    assert tapped[taps["pattern"]] == {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}
+    assert tapped[taps["routing"]]["inputs"]["source"] == ["5", 1]
+    basic, _ = B.load_workflow(None)
+    assert B.add_pattern_taps(basic, "1") == (basic, {})  # nothing to tap, nothing added by default
+    added, taps = B.add_pattern_taps(basic, "1", add_nodes=True)
+    perc = next(k for k, n in added.items() if n["class_type"] == B.PERCEIVER)
+    rout = next(k for k, n in added.items() if n["class_type"] == B.ROUTER)
+    assert added[perc]["inputs"] == {"model": ["2", 0], "image": ["1", 0]}
+    assert added[rout]["inputs"]["pattern"] == [perc, 0] and added[rout]["inputs"]["top_k"] == 1
+    assert len(set(added)) == len(basic) + 4 and basic == B.load_workflow(None)[0]
+    text = "image 1: density: dense (0.81) | form: thin streaks (0.90)\n(perceived by pattern-head)"
+    assert B.parse_pattern_text(text) == ("density: dense (0.81) | form: thin streaks (0.90)", "pattern-head")
+    assert B.parse_routing_text("image 1: light_streaks=0.75, veil=0.25") == {"light_streaks": 0.75, "veil": 0.25}
+    assert B.parse_routing_text("nothing") is None
