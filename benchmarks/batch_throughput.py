@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
     ap.add_argument("--depth", type=int, default=2, help="our prompts in flight per server")
     ap.add_argument("--overhead-images", type=int, default=20)
-    ap.add_argument("--modes", default="inprocess,one,two,overhead")
+    ap.add_argument("--modes", default="inprocess,one,two,overhead,pattern")
     ap.add_argument("--comfy-dir", default=os.environ.get("COMFYUI_DIR"))
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
@@ -87,7 +87,7 @@ def main():
             run_batch([warm / "warmup.png"], work / "warm_out_local", [lb], "warm-up")
             results["inprocess"] = run_batch(files, work / "out_local", [lb], "in-process")
             results["inprocess"]["model_load_seconds"] = round(load, 2)
-        if modes & {"one", "two", "overhead"}:
+        if modes & {"one", "two", "overhead", "pattern"}:
             if not a.comfy_dir:
                 sys.exit("set COMFYUI_DIR (or --comfy-dir) for the server modes")
             cs = comfy_server_module()
@@ -102,8 +102,9 @@ def main():
                 srv.start()
             results["server_start_seconds"] = round((time.perf_counter() - t0) / n, 1)
 
-            def backends(k, depth):
-                return [B.ComfyBackend(s.url, wf, img, outn, slots=depth, timeout=300) for s in servers[:k]]
+            def backends(k, depth, pattern=None):
+                return [B.ComfyBackend(s.url, wf, img, outn, slots=depth, timeout=300, pattern=pattern)
+                        for s in servers[:k]]
             for i, s in enumerate(servers):
                 t0 = time.perf_counter()
                 run_batch([warm / "warmup.png"], work / f"warm_out{i}", backends(i + 1, 1)[i:], "warm-up")
@@ -113,6 +114,9 @@ def main():
                                                        backends(1, 1), "one server, depth 1")
             if "one" in modes:
                 results["one_server"] = run_batch(files, work / "out_one", backends(1, a.depth), "one server")
+            if "pattern" in modes:  # --pattern: perceiver + router + PreviewAny taps added to the workflow
+                results["one_server_pattern"] = run_batch(files[: a.overhead_images], work / "out_pattern",
+                                                          backends(1, a.depth, True), "one server, --pattern")
             if "two" in modes:
                 results["two_servers"] = run_batch(files, work / "out_two", backends(2, a.depth), "two servers")
     finally:
@@ -132,6 +136,9 @@ def main():
     if oh.get("overhead_seconds_mean") is not None:
         print(f"  API overhead per image (depth 1, client minus server execution): mean {oh['overhead_seconds_mean']:.3f}s,"
               f" median {oh['overhead_seconds_median']:.3f}s (server execution {oh['exec_seconds_mean']:.3f}s)")
+    pat = results.get("one_server_pattern", {}).get("images_per_minute")
+    if pat:
+        print(f"  one server with --pattern  {pat:7.1f} images/min  ({60.0 / pat:.3f} s/image, {a.overhead_images} images)")
     if ip and one:
         print(f"  throughput cost of going through one server: {60.0 / one - 60.0 / ip:+.3f} s/image vs in-process")
     if a.json:
