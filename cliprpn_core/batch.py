@@ -24,6 +24,7 @@ import copy
 import csv
 import glob
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -585,7 +586,7 @@ class ComfyClient:
                 detail = ""
             raise BatchError(f"{self.url}{path.split('?')[0]}: HTTP {e.code}: {_short_error(detail)}",
                              retryable=e.code >= 500 or e.code == 400) from e
-        except (ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        except (ConnectionError, socket.timeout, TimeoutError, OSError, http.client.HTTPException) as e:
             if isinstance(e, ServerUnreachable):
                 raise
             raise ServerUnreachable(f"{self.url}: {type(e).__name__}: {e}") from e
