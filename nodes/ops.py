@@ -226,6 +226,22 @@ def check_save_name(name: str, reserved: tuple[str, ...]) -> str | None:
     return name
 
 
+def check_overwrite(path: Path, read_metadata: Callable[[Path], dict]) -> bool:
+    """May a fine-tune be saved to ``path``? A new name: yes. An existing file only when it is an
+    earlier fine-tune output (its metadata says ``finetuned_from``); anything else (a downloaded or
+    trained checkpoint, an unreadable file) is never replaced. -> True when a file is replaced."""
+    if not path.exists():
+        return False
+    try:
+        meta = read_metadata(path)
+    except Exception:  # noqa: BLE001 - unreadable: not ours to replace
+        meta = {}
+    if "finetuned_from" not in meta:
+        raise ValueError(f"{path.name} already exists in {path.parent} and is not an earlier fine-tune; "
+                         "choose another save name")
+    return True
+
+
 # -- running with tiles and OOM back-off ---------------------------------------------------------
 
 def run_with_backoff(fn: Callable[[int | None], object], tile: int | None, is_oom: Callable[[BaseException], bool],

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cliprpn_core import DEFAULT_MODEL_NAME, default_model_path, save_model
+from ..cliprpn_core.checkpoint import read_metadata
 from ..cliprpn_core.patterns import EXPERTS
 from . import _host as H
 from . import ops
@@ -101,6 +102,7 @@ class LossScheduledFinetune(io.ComfyNode):
             dest = H.save_dir() / f"{name}.safetensors"
             if dest.resolve() == default_model_path().resolve():
                 raise ValueError("refusing to overwrite the shipped default model")
+            ops.check_overwrite(dest, read_metadata)  # checked before training, and again before saving
         r, c = ops.bhwc_to_bchw(rainy, "rainy"), ops.bhwc_to_bchw(clean, "clean")
         ops.check_pairs(ops.rgb_only(r), ops.rgb_only(c))
         device = H.load_to_device(model) if model.patcher is not None else torch.device("cpu")
@@ -118,6 +120,8 @@ class LossScheduledFinetune(io.ComfyNode):
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items())
         H.check_cancel()  # a Cancel that arrived during the last step still writes nothing
         if dest is not None:
+            if ops.check_overwrite(dest, read_metadata):
+                log.info("CLIP-RPN: replacing the earlier fine-tune %s", dest)
             save_model(res.model, dest, extra_meta={"finetuned_from": model.name, "steps": steps,
                                                     "schedule": schedule, "learning_rate": learning_rate})
             report += f"; saved to {dest}"

@@ -128,6 +128,24 @@ def test_save_name_rules(ops):
             ops.check_save_name(bad, reserved)
 
 
+def test_overwrite_only_earlier_finetunes(ops, tmp_path):
+    meta = {tmp_path / "ft.safetensors": {"finetuned_from": "x"}, tmp_path / "trained.safetensors": {}}
+    for p in meta:
+        p.write_bytes(b"x")
+    (tmp_path / "broken.safetensors").write_bytes(b"x")
+
+    def read(p):
+        if p.name == "broken.safetensors":
+            raise ValueError("corrupt")
+        return meta[p]
+
+    assert ops.check_overwrite(tmp_path / "new.safetensors", read) is False
+    assert ops.check_overwrite(tmp_path / "ft.safetensors", read) is True
+    for name in ("trained.safetensors", "broken.safetensors"):
+        with pytest.raises(ValueError, match="not an earlier fine-tune"):
+            ops.check_overwrite(tmp_path / name, read)
+
+
 # -- tiling back-off ----------------------------------------------------------------------------------
 
 class FakeOOM(RuntimeError):

@@ -274,6 +274,9 @@ def test_finetune_saves_atomically_and_the_result_is_listed(srv):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert cs.status_str(srv.run(p)) == "success"
     assert srv.log().count("CLIP-RPN: loaded ft_saved") == n0 + 2
+    # a checkpoint that is not an earlier fine-tune is never replaced
+    (srv.models / "clip_rpn" / "precious.safetensors").write_bytes(path.read_bytes().replace(b"finetuned_from", b"finetunedXfrom"))
+    _expect_node_error(srv, _finetune_prompt(2, "precious"), "CLIPRPNFinetune", r"not an earlier fine-tune")
 
 
 def test_interrupt_during_finetune_leaves_no_file(srv):
