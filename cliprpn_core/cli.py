@@ -170,6 +170,8 @@ def build_parser():
     f.add_argument("choice", help="one of: 'ViT-B-32 LAION-2B', 'ViT-B-32 OpenAI', 'MobileCLIP2-S0'")
     f.add_argument("dest")
     f.set_defaults(fn=cmd_fetch_clip)
+    from .batch import add_batch_parser
+    add_batch_parser(sub)
     return p
 
 
