@@ -110,12 +110,8 @@ class PairedSource:
             raise FileNotFoundError(f"no pairs of at least {min_side}px under {roots}")
 
     def batch(self, n, size, gen, device) -> RainSample:
-        idx_gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
-        # draw the indices first so heavy/light labels follow the crops
-        state = idx_gen.get_state()
-        picks = [int(torch.randint(len(self.rain), (1,), generator=idx_gen)) for _ in range(n)]
-        idx_gen.set_state(state)
-        rainy, clean = _random_crops(self.rain, n, size, idx_gen, device, partners=self.gt)
+        picks = torch.randint(len(self.rain), (n,), generator=gen).tolist()
+        rainy, clean = _random_crops(self.rain, n, size, gen, device, partners=self.gt, indices=picks)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         layer = (rainy - clean).mean(1, keepdim=True)
         mask = (layer > 0.03).float() * 0.5 + 0.5 * layer.clamp(0, 1)

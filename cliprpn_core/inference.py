@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .arch import CLIPRPN, pattern_probs
+from .arch import CLIPRPN, pattern_probs, route
+from .patterns import PATTERN_DIM
 
 MIN_SIDE = 8
 AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
@@ -218,12 +219,12 @@ class Derainer:
         rgb, alpha, c, h, w = self._prep(images)
         b = rgb.shape[0]
         source = "given"
-        if routing is None:
+        if override is not None:  # a manual expert choice wins over any routing
+            routing = route(torch.zeros(b, self.model.config.num_experts), override=override)
+        elif routing is None:
             if pattern is None:
                 pattern, source = self.perceive(rgb[..., :h, :w])
-            routing = self.route(pattern, top_k, temperature, override)
-        elif override is not None:
-            routing = self.route(torch.zeros(b, pattern.shape[-1] if pattern is not None else 13), 1, 1.0, override)
+            routing = self.route(pattern, top_k, temperature)
         routing = torch.as_tensor(routing, dtype=torch.float32)
         if routing.shape != (b, self.model.config.num_experts):
             if routing.shape[0] == 1 and routing.shape[1] == self.model.config.num_experts:
@@ -232,7 +233,7 @@ class Derainer:
                 raise ValueError(f"routing has shape {tuple(routing.shape)}, expected ({b}, {self.model.config.num_experts})"
                                  " (one row per image)")
         if pattern is None:
-            pattern = torch.full((b, 13), float("nan"))
+            pattern = torch.full((b, PATTERN_DIM), float("nan"))  # not perceived
         if mask is not None:
             mask = torch.as_tensor(mask).float()
             mask = mask[:, None] if mask.dim() == 3 else mask
