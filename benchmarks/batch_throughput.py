@@ -46,7 +46,7 @@ def run_batch(files, out, backends, label):
         print(f"  [{label}] WARNING: {s['counts']}")
     ipm = 60.0 * len(done) / s["wall_seconds"]
     res = {"images": len(done), "wall_seconds": round(s["wall_seconds"], 2), "images_per_minute": round(ipm, 1),
-           "per_server": {k: v["done"] for k, v in s["servers"].items()}}
+           "per_server": {b.name: sum(j.server == b.name for j in done) for b in backends}}
     secs = [j.seconds for j in done if j.seconds is not None]
     ex = [j.seconds - j.exec_seconds for j in done if j.seconds is not None and j.exec_seconds is not None]
     if secs:
