@@ -765,18 +765,10 @@ class LocalBackend(Backend):
         super().__init__()
         import torch
 
-        from . import default_model_path, load_model
-        from .inference import Derainer
+        from .inference import load_derainer
         if threads:
             torch.set_num_threads(threads)
-        self.ckpt = Path(checkpoint) if checkpoint else default_model_path()
-        perceiver = None
-        if clip:
-            from .perceiver import load_clip
-            perceiver = load_clip(clip)
-        self.derainer = Derainer(load_model(self.ckpt), perceiver, device=device, dtype=dtype)
-        if perceiver is not None:
-            perceiver.to(self.derainer.device)
+        self.derainer, self.ckpt = load_derainer(checkpoint, clip, device=device, dtype=dtype)
         self.tile = tile or None
         self.name = f"in-process:{self.derainer.device}"
 

@@ -4,24 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
 def _load_derainer(args):
-    from . import default_model_path
-    from .checkpoint import load_model
-    from .inference import Derainer
-    ck = Path(args.checkpoint) if args.checkpoint else default_model_path()
-    model = load_model(ck)
-    perceiver = None
-    if args.clip:
-        from .perceiver import load_clip
-        perceiver = load_clip(args.clip, arch=args.clip_arch)
-    d = Derainer(model, perceiver, device=args.device, dtype=args.dtype)
-    if perceiver is not None:
-        perceiver.to(d.device)
-    return d, ck
+    from .inference import load_derainer
+    return load_derainer(args.checkpoint, args.clip, args.clip_arch, args.device, args.dtype)
 
 
 def cmd_derain(args):

@@ -275,3 +275,20 @@ class Derainer:
         t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device))
         return img.float(), torch.sigmoid(mlog.float())
+
+
+def load_derainer(checkpoint=None, clip=None, clip_arch=None, device="auto", dtype="auto"):
+    """Checkpoint (default: the shipped model) + optional CLIP perceiver -> (Derainer, checkpoint path)."""
+    from pathlib import Path
+
+    from . import default_model_path
+    from .checkpoint import load_model
+    ck = Path(checkpoint) if checkpoint else default_model_path()
+    perceiver = None
+    if clip:
+        from .perceiver import load_clip
+        perceiver = load_clip(clip, arch=clip_arch)
+    d = Derainer(load_model(ck), perceiver, device=device, dtype=dtype)
+    if perceiver is not None:
+        perceiver.to(d.device)
+    return d, ck

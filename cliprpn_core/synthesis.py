@@ -102,7 +102,7 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
         regime = torch.multinomial(torch.tensor(probs, dtype=torch.float32), b, replacement=True, generator=gen).tolist()
     R = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)  # noqa: E731
     reg = torch.tensor(regime)
-    light, heavy, drop, veil = (reg == 0), (reg == 1), (reg == 2), (reg == 3)
+    heavy, drop, veil = (reg == 1), (reg == 2), (reg == 3)  # light (0) is the default everywhere below
 
     # primary streak layer, parameters by regime
     density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004), R(0.0008, 0.006)))
