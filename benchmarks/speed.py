@@ -9,6 +9,7 @@ parameters and FLOPs per pixel of the model and of each expert.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -52,6 +53,7 @@ def main():
     ap.add_argument("--checkpoint", default=str(default_model_path()))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--cuda", action="store_true", help="also time fp32/fp16/bf16 on the GPU")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.checkpoint)
@@ -89,7 +91,51 @@ def main():
         gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264, 512)
         res["peak_rss_GiB_8MP_tiled_512"] = round(gib, 3)
         res["seconds_8MP_tiled_incl_startup"] = round(secs, 1)
+    if a.cuda:
+        res["cuda"] = cuda_figures(model)
     print(json.dumps(res, indent=2))
+
+
+def cuda_figures(model):
+    """GPU: ms per megapixel (1 MP, batch 1 and batch 8 of 512², median of 5 after warm-up, synchronised),
+    max difference of fp16/bf16 outputs from fp32, and peak GPU memory for an 8-MP image (the Derainer's automatic tiling)."""
+    dev = torch.device("cuda")
+    out = {"device": torch.cuda.get_device_name(0)}
+    x = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    xb = torch.rand(8, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    ref = None
+    for dt in ("fp32", "fp16", "bf16"):
+        d = Derainer(copy.deepcopy(model), device=dev, dtype=dt)  # Derainer casts the model in place
+        y = d.derain(x).images
+        for _ in range(2):
+            d.derain(x)
+        row = {}
+        for name, inp in (("1MP", x), ("8x512", xb)):
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                d.derain(inp)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            row[f"ms_per_MP_{name}"] = round(1000 * statistics.median(times) / (inp[0].numel() / 3 * inp.shape[0] / 1e6), 1)
+        if ref is None:
+            ref = y.float()
+        else:
+            row["max_abs_diff_vs_fp32"] = round(float((y.float() - ref).abs().max()), 4)
+            row["mean_abs_diff_vs_fp32"] = round(float((y.float() - ref).abs().mean()), 5)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            d.derain(torch.rand(1, 3, 2448, 3264))
+            torch.cuda.synchronize()
+            row["peak_GiB_8MP"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        except torch.cuda.OutOfMemoryError as e:
+            row["peak_GiB_8MP"] = f"out of memory: {e}"[:200]
+        del d
+        torch.cuda.empty_cache()
+        out[dt] = row
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ random crops and flips are cut on the training device, so the GPU never waits on
 Nothing is read from the internet."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,19 @@ def orientation_class(layer: torch.Tensor, deg: float = 7.0) -> torch.Tensor:
     return torch.where(ang > deg, 2, torch.where(ang < -deg, 1, 0))
 
 
+def rotate_center(x: torch.Tensor, degrees: torch.Tensor, size: int) -> torch.Tensor:
+    """Rotate each image of x [B,C,S,S] about its centre by degrees[b] and cut the central size x size
+    (S >= size * sqrt(2) leaves no empty corners)."""
+    b, _, s, _ = x.shape
+    th = degrees.to(x.device, torch.float32) * math.pi / 180
+    cos, sin = torch.cos(th), torch.sin(th)
+    k = size / s  # sample only the central window
+    mat = torch.stack([torch.stack([cos * k, -sin * k, torch.zeros_like(th)], 1),
+                       torch.stack([sin * k, cos * k, torch.zeros_like(th)], 1)], 1)
+    grid = F.affine_grid(mat, (b, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class MixtureSource:
     """Draw each batch from one of several sources with given probabilities."""
 
@@ -156,7 +170,8 @@ class RainLayerSource:
     """Real rain layers (rainy - clean of real pairs) composited over clean photos: real streak
     statistics on many backgrounds. Light vs heavy from the folder/name hints, as PairedSource."""
 
-    def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None):
+    def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0):
+        self.max_rotation = float(max_rotation)
         self.pairs = PairedSource(pair_roots, min_side=min_side)
         keep = [i for i, h in enumerate(self.pairs.heavy) if only is None or (only == "heavy") == h]
         if not keep:
@@ -170,9 +185,13 @@ class RainLayerSource:
         h = torch.tensor(self.heavy, dtype=torch.float32)
         wts = torch.where(h > 0, 1.0 / max(1.0, float(h.sum())), 1.0 / max(1.0, float((1 - h).sum())))
         picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
-        layer = _random_crops(self.layers, n, size, gen, device, scale_range=(0.8, 1.2), indices=picks)
+        # crop wider, turn by a small random angle and cut the centre: streak directions the few real
+        # layers don't have (horizontal flips in _random_crops mirror them as well)
+        big = int(math.ceil(size * 1.42)) + 1
+        layer = _random_crops(self.layers, n, big, gen, device, scale_range=(0.8, 1.2), indices=picks)
+        layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
         clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
-        gain = (0.8 + 0.4 * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
+        gain = (0.7 + 0.6 * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
         rainy = (clean + layer * gain).clamp(0, 1)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         lay = (rainy - clean).mean(1, keepdim=True)

@@ -147,7 +147,7 @@ def run_tiled(fn: Callable, x: torch.Tensor, tile: int | None, overlap: int, mul
         wx = _ramp(tw, ov, x0 == 0, x0 + tw >= w, x.device)
         wt = (wy[:, None] * wx[None, :])[None, None]
         for a, o in zip(acc, outs):
-            a[..., y0:y0 + th, x0:x0 + tw] += o.float() * wt
+            a[..., y0:y0 + th, x0:x0 + tw] += o.to(a.device, torch.float32) * wt  # tiles may run on the GPU
         wsum[..., y0:y0 + th, x0:x0 + tw] += wt
         if progress:
             progress(i + 1, len(grid))

@@ -35,9 +35,10 @@ def _u(gen, lo, hi, device):
     return lo + (hi - lo) * torch.rand((), generator=gen, device="cpu").item()
 
 
-def line_kernels(lengths, angles_deg, widths, size=None, device="cpu"):
+def line_kernels(lengths, angles_deg, widths, size=None, device="cpu", taper=None):
     """Motion-blur line kernels [N,1,k,k] (sum 1): length L, angle from vertical (positive =
-    falling to the right), Gaussian cross-section of std ``width``."""
+    falling to the right), Gaussian cross-section of std ``width``. ``taper`` (0..1 per kernel)
+    blends the flat profile along the streak with a Hann window: real streaks fade at both ends."""
     lengths = torch.as_tensor(lengths, dtype=torch.float32, device=device)
     th = torch.as_tensor(angles_deg, dtype=torch.float32, device=device) * math.pi / 180
     wd = torch.as_tensor(widths, dtype=torch.float32, device=device).clamp_min(0.3)
@@ -47,24 +48,36 @@ def line_kernels(lengths, angles_deg, widths, size=None, device="cpu"):
     dx, dy = torch.sin(th)[:, None, None], torch.cos(th)[:, None, None]
     along = xx * dx + yy * dy
     perp = xx * dy - yy * dx
-    w = torch.exp(-0.5 * (perp / wd[:, None, None]) ** 2) * (along.abs() <= lengths[:, None, None] / 2)
+    half = lengths[:, None, None] / 2
+    prof = (along.abs() <= half).float()
+    if taper is not None:
+        t = torch.as_tensor(taper, dtype=torch.float32, device=device).view(-1, 1, 1)
+        hann = torch.cos(math.pi / 2 * (along / half.clamp_min(1)).clamp(-1, 1)) ** 2
+        prof = prof * ((1 - t) + t * hann)
+    w = torch.exp(-0.5 * (perp / wd[:, None, None]) ** 2) * prof
     w = w / w.sum((1, 2), keepdim=True).clamp_min(1e-8)
     return w[:, None]
 
 
-def streak_layer(b, h, w, density, length, angle, width, brightness, gen, device):
-    """One streak layer per image, values in 0..1 [b,1,h,w]. All parameters are [b] tensors."""
+def streak_layer(b, h, w, density, length, angle, width, brightness, gen, device, taper=None, faint=None):
+    """One streak layer per image, values in 0..1 [b,1,h,w]. All parameters are [b] tensors;
+    ``taper`` (0..1) fades streak ends, ``faint`` (0..1) skews streak amplitudes towards faint ones."""
     # fixed kernel and padding sizes: constant shapes keep GPU kernels (and autotuners) warm
     k = KERNEL_SIZE
     pad = k // 2
     H, W = h + 2 * pad, w + 2 * pad
     u = torch.rand((b, 1, H, W), generator=gen, device="cpu").to(device)
     amp = torch.rand((b, 1, H, W), generator=gen, device="cpu").to(device)
+    if faint is not None:  # amplitude ~ amp ** (1 + 2 faint): many faint streaks, a few bright ones
+        f = faint.to(device).view(-1, 1, 1, 1)
+        amp = amp.clamp_min(1e-6) ** (1 + 2 * f) * (1 + f)
     dots = (u < density.view(-1, 1, 1, 1).to(device)).float() * (0.35 + 0.65 * amp)
-    ker = line_kernels(length.clamp_max(k - 2), angle, width, size=k, device=device)
+    ker = line_kernels(length.clamp_max(k - 2), angle, width, size=k, device=device, taper=taper)
     s = F.conv2d(dots.view(1, b, H, W), ker, groups=b).view(b, 1, H - ker.shape[-1] + 1, W - ker.shape[-1] + 1)
     # a single dot spreads over ~length pixels with sum-normalised kernel: rescale to its amplitude
     gain = length.to(device).view(-1, 1, 1, 1) * (width.to(device).view(-1, 1, 1, 1).clamp_min(0.5) * 2.0)
+    if taper is not None:  # a Hann profile has half the area of a flat one: keep the peak comparable
+        gain = gain * (1 - 0.5 * taper.to(device).view(-1, 1, 1, 1))
     return (s * gain * brightness.to(device).view(-1, 1, 1, 1)).clamp(0, 1)
 
 
@@ -105,19 +118,27 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     heavy, drop, veil = (reg == 1), (reg == 2), (reg == 3)  # light (0) is the default everywhere below
 
     # primary streak layer, parameters by regime
-    density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004), R(0.0008, 0.006)))
+    density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004), R(0.0015, 0.008)))
     length = torch.where(heavy, R(20, 60), R(12, 65)).round()
     angle = torch.where(torch.rand(b, generator=gen) < 0.3, R(-4, 4), R(-35, 35))
-    width = torch.where(heavy, R(0.6, 2.0), R(0.3, 0.9))
-    bright = torch.where(heavy, R(0.25, 0.6), R(0.25, 0.85))
+    width = torch.where(heavy, R(0.6, 2.0), R(0.45, 1.2))
+    bright = torch.where(heavy, R(0.25, 0.6), R(0.12, 0.75))
+    taper = torch.where(torch.rand(b, generator=gen) < 0.6, R(0.5, 1.0), torch.zeros(b))
+    faint = torch.where(heavy, torch.zeros(b), R(0.0, 1.0))
     has_streaks = ~drop | (torch.rand(b, generator=gen) < 0.3)
     density = torch.where(has_streaks, density, torch.zeros(b))
-    S = streak_layer(b, h, w, density, length, angle, width, bright, gen, dev)
+    # streak lengths vary within an image: a share of the streaks in a shorter sub-layer
+    short = R(0.0, 0.6) * has_streaks
+    S = streak_layer(b, h, w, density * (1 - short), length, angle, width, bright, gen, dev, taper, faint)
+    S_short = streak_layer(b, h, w, density * short, (length * R(0.35, 0.7)).clamp_min(5).round(), angle + R(-3, 3),
+                           width, bright, gen, dev, taper, faint)
+    S = 1 - (1 - S) * (1 - S_short)
     # mixed rain: a second layer at another angle / length
-    mixed = (torch.rand(b, generator=gen) < 0.3) & has_streaks
+    mixed = (torch.rand(b, generator=gen) < torch.where(heavy | veil, 0.3, 0.15)) & has_streaks
     if mixed.any():
         S2 = streak_layer(b, h, w, density * R(0.3, 1.0) * mixed, (length * R(0.5, 1.5)).clamp(5, 70).round(),
-                          (angle + R(-25, 25)).clamp(-45, 45), width * R(0.7, 1.3), bright * R(0.6, 1.0), gen, dev)
+                          (angle + R(-25, 25)).clamp(-45, 45), width * R(0.7, 1.3), bright * R(0.6, 1.0), gen, dev,
+                          taper, faint)
         S = 1 - (1 - S) * (1 - S2)
 
     B = clean

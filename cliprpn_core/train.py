@@ -38,6 +38,7 @@ class TrainConfig:
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
     layer_dirs: list = field(default_factory=list)  # real rain layers of these pairs over clean_dirs
     layer_fraction: float = 0.0  # share of each batch from layer_dirs
+    layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
@@ -177,7 +178,8 @@ class Trainer:
             from .data import RainLayerSource
             if not self.cfg.clean_dirs:
                 raise ValueError("layer_dirs needs clean_dirs (the backgrounds the layers are put on)")
-            srcs.append(RainLayerSource(self.cfg.layer_dirs, self.cfg.clean_dirs, min_side=self.cfg.patch_size))
+            srcs.append(RainLayerSource(self.cfg.layer_dirs, self.cfg.clean_dirs, min_side=self.cfg.patch_size,
+                                        max_rotation=self.cfg.layer_rotation))
             w[0] -= self.cfg.layer_fraction
             w.append(self.cfg.layer_fraction)
         if not srcs:

@@ -62,3 +62,36 @@ def test_orientation_labels_agree_with_structure_tensor(angle, label):
 def test_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         synthesize(torch.rand(1, 1, 32, 32), torch.Generator())
+
+
+def test_tapered_kernel_fades_at_the_ends():
+    flat = line_kernels([31], [0.0], [0.5], size=35)[0, 0]
+    hann = line_kernels([31], [0.0], [0.5], size=35, taper=[1.0])[0, 0]
+    assert hann.sum().item() == pytest.approx(1.0, abs=1e-5)
+    rows_f, rows_h = flat.sum(1), hann.sum(1)
+    mid, end = 17, 17 - 14
+    assert rows_f[end] == pytest.approx(rows_f[mid].item(), rel=1e-4)  # flat profile: even along the streak
+    assert rows_h[mid] > 10 * rows_h[end]  # Hann profile: bright middle, faint ends
+    half = line_kernels([31], [0.0], [0.5], size=35, taper=[0.5])[0, 0].sum(1)
+    assert rows_h[end] < half[end] < rows_f[end]
+
+
+def test_light_rain_matches_the_calibration_band():
+    """Light synthetic streaks were calibrated to the Rain200L training layers (mean of rain - clean
+    ~0.02, about 14 % of pixels above 0.05): a regression guard, wide enough for other seeds."""
+    c = torch.full((8, 3, 128, 128), 0.3)
+    s = synthesize(c, torch.Generator().manual_seed(0), regime=[0] * 8)
+    d = (s.rainy - c).mean(1)
+    assert 0.008 < d.mean() < 0.045
+    assert 0.04 < (d > 0.05).float().mean() < 0.3
+
+
+def test_rotate_center_turns_streaks_and_keeps_the_centre():
+    from cliprpn_core.data import rotate_center
+    g = torch.Generator().manual_seed(0)
+    full = lambda v: torch.full((2,), float(v))  # noqa: E731
+    s = streak_layer(2, 184, 184, full(0.005), full(30), full(0.0), full(0.5), full(0.8), g, "cpu")
+    same = rotate_center(s, torch.zeros(2), 128)
+    assert same.shape == (2, 1, 128, 128)
+    assert torch.allclose(same, s[..., 28:156, 28:156], atol=1e-4)
+    assert orientation_class(rotate_center(s, torch.tensor([20.0, -20.0]), 128)).tolist() == [2, 1]
