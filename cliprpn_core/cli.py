@@ -29,7 +29,8 @@ def cmd_derain(args):
     for f in bar:
         try:
             img = read_image(f)
-            r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None, overlap=args.overlap)
+            r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None, overlap=args.overlap,
+                         self_ensemble=args.self_ensemble)
         except (ImageReadError, ValueError) as e:
             failed += 1
             tqdm.write(f"skipped {f}: {e}", file=sys.stderr)
@@ -114,6 +115,7 @@ def cmd_fetch_clip(args):
 
 
 def build_parser():
+    from .inference import DEFAULT_OVERLAP
     p = argparse.ArgumentParser(prog="cliprpn", description="CLIP-RPN adaptive deraining")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("derain", help="derain image files or folders")
@@ -125,7 +127,9 @@ def build_parser():
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     d.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: automatic for large images)")
-    d.add_argument("--overlap", type=int, default=32)
+    d.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
+    d.add_argument("--self-ensemble", action="store_true",
+                   help="average the image and its 3 flips (4 passes: a little cleaner, 4x slower)")
     d.add_argument("--top-k", type=int, default=1, help="experts per image")
     d.add_argument("--expert", type=int, default=None, help="force one expert (index) for every image")
     d.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png")

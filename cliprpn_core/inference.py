@@ -119,6 +119,9 @@ def _ramp(n, ov, lo_edge, hi_edge, device):
     return w
 
 
+ENSEMBLE_FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
 def tile_grid(h, w, tile, overlap, multiple):
     """Tile origins on the ``multiple`` grid (keeps attention cells aligned with the untiled run)."""
     t = max(multiple, (tile // multiple) * multiple)
@@ -211,10 +214,12 @@ class Derainer:
 
     @torch.inference_mode()
     def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
-               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None) -> DerainResult:
+               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False) -> DerainResult:
         """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
         outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
-        [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention."""
+        [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention.
+        ``self_ensemble``: average the restorations of the image and its horizontal, vertical and
+        double flips (4 passes; flips keep streaks streak-like, 90° turns would not)."""
         t0 = time.perf_counter()
         rgb, alpha, c, h, w = self._prep(images)
         b = rgb.shape[0]
@@ -245,7 +250,8 @@ class Derainer:
                 mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
             mask = _pad_to(mask.clamp(0, 1), self.multiple)
         tile = self._auto_tile(tile, h, w)
-        total = count_tiles(h, w, tile, overlap, self.multiple) * b
+        flips = ENSEMBLE_FLIPS if self_ensemble else ((),)
+        total = count_tiles(h, w, tile, overlap, self.multiple) * b * len(flips)
         done = [0]
 
         def step(i, n):
@@ -258,16 +264,20 @@ class Derainer:
             xi = rgb[i:i + 1]
             mi = mask[i:i + 1] if mask is not None else None
 
-            if mi is None:
-                fn = lambda t, r=r: self._restore(t, r, None)  # noqa: E731
-                o, m = run_tiled(fn, xi, tile, overlap, self.multiple, (3, 1), step)
-            else:
-                both = torch.cat([xi, mi.to(xi)], 1)
-                fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:])  # noqa: E731
-                o, m = run_tiled(fn, both, tile, overlap, self.multiple, (3, 1), step)
-            done[0] += count_tiles(h, w, tile, overlap, self.multiple)
-            outs.append(o[..., :h, :w].clamp(0, 1).cpu())
-            masks.append(m[..., :h, :w].cpu())
+            inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
+            fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None)  # noqa: E731
+            o = m = 0
+            for dims in flips:
+                # flip the unpadded image so that padding stays at the bottom/right
+                src = inp[..., :h, :w].flip(dims) if dims else inp
+                oi, mi_ = run_tiled(fn, _pad_to(src, self.multiple) if dims else src, tile, overlap,
+                                    self.multiple, (3, 1), step)
+                oi, mi_ = oi[..., :h, :w].clamp(0, 1).cpu(), mi_[..., :h, :w].cpu()
+                o = o + (oi.flip(dims) if dims else oi) / len(flips)
+                m = m + (mi_.flip(dims) if dims else mi_) / len(flips)
+                done[0] += count_tiles(h, w, tile, overlap, self.multiple)
+            outs.append(o)
+            masks.append(m)
         out = merge_channels(torch.cat(outs), alpha, c)
         return DerainResult(out, torch.cat(masks), pattern, routing, source, time.perf_counter() - t0)
 

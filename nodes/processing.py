@@ -75,7 +75,8 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
     return m[:, 0]
 
 
-def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP):
+def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP,
+           self_ensemble=False):
     x = ops.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     weights = None
@@ -93,7 +94,7 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
                 bar[0] = H.Progress(n)
             bar[0](i, n)
         return d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
-                        tile=t, overlap=int(overlap), progress=step)
+                        tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble))
 
     return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
 
@@ -198,6 +199,9 @@ class CrossAttentionDerain(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.05, max=10.0, step=0.05, advanced=True,
                                tooltip="Expert mix softness when no routing is connected."),
                 *_tile_inputs(),
+                io.Boolean.Input("self_ensemble", default=False, optional=True, advanced=True,
+                                 tooltip="Average the results of the image and its three flips: a little "
+                                         "cleaner (+0.3 dB on Rain100L), four times slower."),
             ],
             outputs=[
                 io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
@@ -207,8 +211,8 @@ class CrossAttentionDerain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
-                overlap=DEFAULT_OVERLAP) -> io.NodeOutput:
-        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap)
+                overlap=DEFAULT_OVERLAP, self_ensemble=False) -> io.NodeOutput:
+        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble)
         return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 

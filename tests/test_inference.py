@@ -111,3 +111,23 @@ def test_wrong_routing_shape(derainer):
 
 def test_check_images_accepts_chw():
     assert check_images(torch.rand(3, 10, 10)).shape == (1, 3, 10, 10)
+
+
+def test_self_ensemble_averages_the_flipped_passes(derainer):
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 37, 52)  # odd size: padding must not shift the flipped passes
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    calls = []
+    ens = derainer.derain(x, routing=r, self_ensemble=True, progress=lambda d, n: calls.append((d, n)))
+    assert calls[-1] == (4, 4)
+    manual = 0
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        xi = x.flip(dims) if dims else x
+        yi = derainer.derain(xi, routing=r).images
+        manual = manual + (yi.flip(dims) if dims else yi) / 4
+    torch.testing.assert_close(ens.images, manual.clamp(0, 1), atol=1e-5, rtol=1e-5)
+    plain = derainer.derain(x, routing=r)
+    assert not torch.allclose(ens.images, plain.images)
+    assert ens.images.shape == x.shape and ens.masks.shape == (1, 1, 37, 52)
+    tiled = derainer.derain(x, routing=r, self_ensemble=True, tile=32, overlap=16)
+    assert (tiled.images - ens.images).abs().max() < 2e-3

@@ -110,7 +110,8 @@ def test_object_info_lists_every_node(srv):
                                             "overlap": "INT"}, {}, ["MASK"], ["mask"])
     assert sig("CLIPRPNCrossAttentionDerain") == (
         {"model": "CLIPRPN_MODEL", "image": "IMAGE", "top_k": "INT", "temperature": "FLOAT", "tile": "INT",
-         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK"}, ["IMAGE", "MASK"], ["image", "rain_mask"])
+         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN"}, ["IMAGE", "MASK"],
+        ["image", "rain_mask"])
     assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {}, ["IMAGE"], ["image"])
     assert sig("CLIPRPNSynthesizeRain") == ({"image": "IMAGE", "seed": "INT", "regime": "COMBO"}, {},
                                             ["IMAGE", "MASK"], ["rainy", "rain_mask"])
@@ -195,6 +196,10 @@ def test_loader_runs_once_for_many_consumers(srv):
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
         "10": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}},
         "11": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+        "12": {"class_type": "CLIPRPNCrossAttentionDerain",
+               "inputs": {"model": ["2", 0], "image": ["1", 0], "top_k": 1, "temperature": 1.0, "tile": 0,
+                          "overlap": 8, "self_ensemble": True}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
     }
     n0 = srv.log().count("CLIP-RPN: loaded")
     ws = srv.open_ws()
@@ -222,7 +227,9 @@ def test_loader_runs_once_for_many_consumers(srv):
     # the tiled, routed result differs from the one-node derain but keeps the size
     a = load_png(srv.view(hist["outputs"]["8"]["images"][0]))
     b = load_png(srv.view(hist["outputs"]["9"]["images"][0]))
-    assert a.shape == b.shape == (64, 64, 3)
+    e = load_png(srv.view(hist["outputs"]["13"]["images"][0]))  # flip self-ensemble: same size, not the plain result
+    assert a.shape == b.shape == e.shape == (64, 64, 3)
+    assert (e.astype(int) - b.astype(int)).any()
     # a second prompt with the same loader settings reuses the loaded model
     prompt["1"]["inputs"]["image"] = "small2.png"
     hist = srv.run(prompt)
