@@ -81,6 +81,27 @@ def streak_layer(b, h, w, density, length, angle, width, brightness, gen, device
     return (s * gain * brightness.to(device).view(-1, 1, 1, 1)).clamp(0, 1)
 
 
+def noise_streak_layer(b, h, w, threshold, span, length, angle, width, brightness, gen, device, taper=None):
+    """Streaks the way image editors make them (noise, motion blur, levels): Gaussian noise smeared
+    along the streak direction, normalised to unit variance, then levels map [threshold,
+    threshold + span] to [0, 1]. Streaks appear where the smeared noise peaks, so lengths and
+    brightness vary within the image and the ends fade. Lower thresholds give denser rain.
+    All parameters are [b] tensors; returns [b,1,h,w] in 0..1."""
+    k = KERNEL_SIZE
+    pad = k // 2
+    n = torch.randn((b, 1, h + 2 * pad, w + 2 * pad), generator=gen, device="cpu").to(device)
+    ker = line_kernels(length.clamp_max(k - 2), angle, width, size=k, device=device, taper=taper)
+    s = F.conv2d(n.view(1, b, h + 2 * pad, w + 2 * pad), ker, groups=b).view(b, 1, h, w)
+    s = s / ker.pow(2).sum((1, 2, 3)).sqrt().view(-1, 1, 1, 1)  # unit variance whatever the kernel
+    v = lambda t: t.to(device).view(-1, 1, 1, 1)  # noqa: E731
+    return ((s - v(threshold)) / v(span)).clamp(0, 1) * v(brightness)
+
+
+# coverage (share of pixels > 0.05) per unit dot density of streak_layer, measured on light
+# settings: puts both streak generators on one density scale for the labels
+COVERAGE_PER_DENSITY = 48.0
+
+
 def _orientation_label(angle):
     return torch.where(angle > 7, 2, torch.where(angle < -7, 1, 0))
 
@@ -133,6 +154,15 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     S_short = streak_layer(b, h, w, density * short, (length * R(0.35, 0.7)).clamp_min(5).round(), angle + R(-3, 3),
                            width, bright, gen, dev, taper, faint)
     S = 1 - (1 - S) * (1 - S_short)
+    # half of the streak images use the noise-blur-levels generator instead of dots
+    noisy = has_streaks & ~veil & (torch.rand(b, generator=gen) < 0.5)
+    thr, span = torch.where(heavy, R(0.0, 0.9), R(0.6, 1.6)), R(1.0, 2.5)
+    if noisy.any():
+        Sn = noise_streak_layer(b, h, w, thr, span, (length * 1.5).clamp_max(KERNEL_SIZE - 2), angle, width, bright,
+                                gen, dev, taper)  # thresholding shortens streaks: longer smear
+        S = torch.where(noisy.to(dev).view(-1, 1, 1, 1), Sn, S)
+        cover = (Sn > 0.05).float().mean((1, 2, 3)).cpu()
+        density = torch.where(noisy, cover / COVERAGE_PER_DENSITY, density)
     # mixed rain: a second layer at another angle / length
     mixed = (torch.rand(b, generator=gen) < torch.where(heavy | veil, 0.3, 0.15)) & has_streaks
     if mixed.any():

@@ -95,3 +95,22 @@ def test_rotate_center_turns_streaks_and_keeps_the_centre():
     assert same.shape == (2, 1, 128, 128)
     assert torch.allclose(same, s[..., 28:156, 28:156], atol=1e-4)
     assert orientation_class(rotate_center(s, torch.tensor([20.0, -20.0]), 128)).tolist() == [2, 1]
+
+
+def test_noise_streaks_follow_threshold_and_angle():
+    from cliprpn_core.synthesis import noise_streak_layer
+    full = lambda v: torch.full((2,), float(v))  # noqa: E731
+
+    def layer(thr, angle, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return noise_streak_layer(2, 96, 96, full(thr), full(1.5), full(40), full(angle), full(0.6), full(0.8), g, "cpu")
+
+    sparse, dense = layer(1.6, 0.0), layer(0.6, 0.0)
+    assert 0 <= sparse.min() and dense.max() <= 0.8 + 1e-6
+    cov = lambda s: (s > 0.05).float().mean().item()  # noqa: E731
+    assert cov(dense) > 2 * cov(sparse) > 0
+    # a unit-variance field: coverage ~ the Gaussian tail above the threshold (+ a little of the ramp)
+    assert 0.2 < cov(dense) < 0.35 and 0.03 < cov(sparse) < 0.08
+    assert torch.equal(layer(1.0, 0.0, seed=3), layer(1.0, 0.0, seed=3))
+    for angle, label in [(-25.0, 1), (0.0, 0), (25.0, 2)]:
+        assert orientation_class(layer(1.0, angle)).tolist() == [label, label]
