@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .imageio import IMAGE_EXTS, list_images, load_rgb_uint8
+from .patterns import ATTRIBUTE_NAMES
 from .synthesis import RainSample, synthesize
 
 HEAVY_HINTS = ("heavy", "rain200h", "raintrainh", "h_", "rain1400", "rain13k")
@@ -86,6 +87,21 @@ class SyntheticSource:
     def batch(self, n, size, gen, device) -> RainSample:
         clean = _random_crops(self.images, n, size, gen, device, scale_range=(0.5, 1.0))
         return synthesize(clean, gen, probs=self.regime_probs)
+
+
+class NoRainSource:
+    """Rain-free crops of the clean photos, target = input: teaches the restorer to leave bright
+    thin textures (grass, scales, wires) alone. Routed and labelled like sparse light rain, which
+    is where the pattern head sends a rain-free photo."""
+
+    def __init__(self, clean: SyntheticSource):
+        self.clean = clean
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        x = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        labels = torch.zeros(n, len(ATTRIBUTE_NAMES), dtype=torch.long, device=device)
+        return RainSample(x, x.clone(), torch.zeros_like(x[:, :1]), labels,
+                          torch.zeros(n, dtype=torch.long, device=device))
 
 
 class PairedSource:

@@ -39,6 +39,7 @@ class TrainConfig:
     layer_dirs: list = field(default_factory=list)  # real rain layers of these pairs over clean_dirs
     layer_fraction: float = 0.0  # share of each batch from layer_dirs
     layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
+    norain_fraction: float = 0.0  # share of each batch that is rain-free clean crops (target = input)
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
@@ -182,8 +183,18 @@ class Trainer:
                                         max_rotation=self.cfg.layer_rotation))
             w[0] -= self.cfg.layer_fraction
             w.append(self.cfg.layer_fraction)
+        if self.cfg.norain_fraction > 0:
+            from .data import NoRainSource
+            if not self.cfg.clean_dirs:
+                raise ValueError("norain_fraction needs clean_dirs (the rain-free photos)")
+            srcs.append(NoRainSource(srcs[0]))
+            w[0] -= self.cfg.norain_fraction
+            w.append(self.cfg.norain_fraction)
         if not srcs:
             raise ValueError("no training data: set clean_dirs and/or pair_dirs")
+        if any(x < 0 for x in w):
+            raise ValueError(f"pair_fraction + layer_fraction + norain_fraction leave a negative share for "
+                             f"synthetic rain: {w}; lower them")
         return srcs[0] if len(srcs) == 1 else MixtureSource(srcs, w)
 
     # -- one step ----------------------------------------------------------------------------

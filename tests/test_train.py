@@ -125,3 +125,23 @@ def test_torchrun_two_cpu_processes(tmp_path, data_dirs):
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3]  # only rank 0 logs
     assert load_model(tmp_path / "ddp" / "model.safetensors").config.widths == (8, 16)
+
+
+def test_all_sources_mixed_and_norain_is_identity(tmp_path, data_dirs):
+    from cliprpn_core.data import MixtureSource, NoRainSource, RainLayerSource
+    clean, pairs = data_dirs
+    t = Trainer(_cfg(tmp_path, data_dirs, steps=2, layer_dirs=[str(pairs)], layer_fraction=0.3,
+                     norain_fraction=0.2), progress=False)
+    src = t.source
+    assert isinstance(src, MixtureSource)
+    assert [type(s).__name__ for s in src.sources] == ["SyntheticSource", "PairedSource", "RainLayerSource",
+                                                      "NoRainSource"]
+    assert src.weights.tolist() == pytest.approx([0.4, 0.1, 0.3, 0.2])
+    assert isinstance(src.sources[2], RainLayerSource) and isinstance(src.sources[3], NoRainSource)
+    b = src.sources[3].batch(4, 32, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(b.rainy, b.clean) and not b.mask.any() and (b.expert == 0).all()
+    assert b.rainy.std() > 0.05  # real photo crops, not blank
+    t.fit()  # a mixed batch trains
+    with pytest.raises(ValueError, match="negative share"):
+        Trainer(_cfg(tmp_path, data_dirs, steps=2, layer_dirs=[str(pairs)], layer_fraction=0.6,
+                     norain_fraction=0.5), progress=False)
