@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cliprpn_core.data import PairedSource, SyntheticSource  # noqa: E402
 from cliprpn_core.plotting import line_chart  # noqa: E402
-from cliprpn_core.synthesis import rain_layer_stats, synthesize  # noqa: E402
+from cliprpn_core.synthesis import STYLES, rain_layer_stats, synthesize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 BINS = np.linspace(-0.05, 0.8, 35)
@@ -46,8 +46,11 @@ def main():
     clean = SyntheticSource([DATA / "clean"], min_side=256)
     g = torch.Generator().manual_seed(0)
     crops = __import__("cliprpn_core.data", fromlist=["_random_crops"])._random_crops(clean.images, a.n, 256, g, "cpu", (0.5, 1.0))
-    syn = {"synthetic light_streaks": synthesize(crops, g, regime=[0] * a.n),
-           "synthetic heavy_streaks": synthesize(crops, g, regime=[1] * a.n)}
+    syn = {}
+    for style in STYLES:
+        for reg, name in ((0, "light_streaks"), (1, "heavy_streaks")):
+            syn[f"synthetic {name} ({style})"] = synthesize(crops, torch.Generator().manual_seed(reg), regime=[reg] * a.n,
+                                                            style=style)
     stats, series = {}, {}
     for k, (r, c) in real.items():
         stats[k] = rain_layer_stats(r, c)
@@ -56,7 +59,7 @@ def main():
         stats[k] = rain_layer_stats(s.rainy, s.clean)
         series[k] = hist(s.rainy, s.clean)
     print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in stats.items()}, indent=2))
-    im = line_chart({k: [v + 1e-4 for v in s] for k, s in series.items()}, width=760, height=400,
+    im = line_chart({k: [v + 1e-4 for v in s] for k, s in series.items()}, width=980, height=420,
                     title="histogram density of mean(rain - clean) per pixel (log scale)",
                     x_label=f"rain - clean, {BINS[0]:.2f} .. {BINS[-1]:.2f} in {len(BINS) - 1} bins")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

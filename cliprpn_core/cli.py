@@ -88,7 +88,7 @@ def cmd_synth(args):
     from .data import SyntheticSource
     from .imageio import save_image
     from .patterns import ATTRIBUTES, EXPERTS
-    src = SyntheticSource(args.clean)
+    src = SyntheticSource(args.clean, style=args.style)
     out = Path(args.output)
     for sub in ("rain", "gt", "mask"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -157,6 +157,8 @@ def build_parser():
     s.add_argument("-n", "--count", type=int, default=100)
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--style", default="classic", choices=["classic", "calibrated"],
+                   help="streak style (see cliprpn_core.synthesis.synthesize)")
     s.set_defaults(fn=cmd_synth)
     f = sub.add_parser("fetch-clip", help="download a supported CLIP model (online machines)")
     f.add_argument("choice", help="one of: 'ViT-B-32 LAION-2B', 'ViT-B-32 OpenAI', 'MobileCLIP2-S0'")

@@ -74,7 +74,7 @@ def _random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners
 class SyntheticSource:
     """Synthetic labelled rain over clean photos (folders searched recursively)."""
 
-    def __init__(self, folders, min_side=96, regime_probs=(0.5, 0.25, 0.1, 0.15)):
+    def __init__(self, folders, min_side=96, regime_probs=(0.5, 0.25, 0.1, 0.15), style="classic"):
         files = []
         for f in [folders] if isinstance(folders, (str, Path)) else folders:
             f = Path(f)
@@ -83,10 +83,11 @@ class SyntheticSource:
         if not self.images:
             raise FileNotFoundError(f"no clean images of at least {min_side}px in {folders}")
         self.regime_probs = regime_probs
+        self.style = style
 
     def batch(self, n, size, gen, device) -> RainSample:
         clean = _random_crops(self.images, n, size, gen, device, scale_range=(0.5, 1.0))
-        return synthesize(clean, gen, probs=self.regime_probs)
+        return synthesize(clean, gen, probs=self.regime_probs, style=self.style)
 
 
 class NoRainSource:

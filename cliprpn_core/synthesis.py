@@ -122,14 +122,24 @@ def _drops(b, h, w, gen, device):
     return m
 
 
+STYLES = ("classic", "calibrated")
+
+
 def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | None = None,
-               probs: tuple[float, ...] = (0.5, 0.25, 0.1, 0.15)) -> RainSample:
+               probs: tuple[float, ...] = (0.5, 0.25, 0.1, 0.15), style: str = "classic") -> RainSample:
     """Add labelled rain to a batch of clean images [B,3,H,W] in 0..1.
 
     ``regime``: expert index per image; drawn from ``probs`` when None. ``gen`` is a CPU
-    generator: the same seed gives the same rain on any device."""
+    generator: the same seed gives the same rain on any device. ``style``: "classic" (crisp
+    streaks of even brightness; the shipped model was trained on it, and it scores better on
+    Rain100L) or "calibrated" (light streaks matched to the statistics of the Rain200L training
+    layers: fainter, tapered, lengths varying within an image, half of the images from the
+    noise-blur-levels generator)."""
     if clean.dim() != 4 or clean.shape[1] != 3:
         raise ValueError(f"synthesize expects [B,3,H,W], got {tuple(clean.shape)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown synthesis style {style!r}; choose one of {', '.join(STYLES)}")
+    cal = style == "calibrated"
     b, _, h, w = clean.shape
     dev = clean.device
     if regime is None:
@@ -138,33 +148,40 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     reg = torch.tensor(regime)
     heavy, drop, veil = (reg == 1), (reg == 2), (reg == 3)  # light (0) is the default everywhere below
 
-    # primary streak layer, parameters by regime
-    density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004), R(0.0015, 0.008)))
+    # primary streak layer, parameters by regime (draw order is part of the seeded contract)
+    density = torch.where(heavy, R(0.004, 0.02), torch.where(veil, R(0.0005, 0.004),
+                                                             R(0.0015, 0.008) if cal else R(0.0008, 0.006)))
     length = torch.where(heavy, R(20, 60), R(12, 65)).round()
     angle = torch.where(torch.rand(b, generator=gen) < 0.3, R(-4, 4), R(-35, 35))
-    width = torch.where(heavy, R(0.6, 2.0), R(0.45, 1.2))
-    bright = torch.where(heavy, R(0.25, 0.6), R(0.12, 0.75))
-    taper = torch.where(torch.rand(b, generator=gen) < 0.6, R(0.5, 1.0), torch.zeros(b))
-    faint = torch.where(heavy, torch.zeros(b), R(0.0, 1.0))
+    width = torch.where(heavy, R(0.6, 2.0), R(0.45, 1.2) if cal else R(0.3, 0.9))
+    bright = torch.where(heavy, R(0.25, 0.6), R(0.12, 0.75) if cal else R(0.25, 0.85))
+    taper = faint = None
+    if cal:
+        taper = torch.where(torch.rand(b, generator=gen) < 0.6, R(0.5, 1.0), torch.zeros(b))
+        faint = torch.where(heavy, torch.zeros(b), R(0.0, 1.0))
     has_streaks = ~drop | (torch.rand(b, generator=gen) < 0.3)
     density = torch.where(has_streaks, density, torch.zeros(b))
-    # streak lengths vary within an image: a share of the streaks in a shorter sub-layer
-    short = R(0.0, 0.6) * has_streaks
-    S = streak_layer(b, h, w, density * (1 - short), length, angle, width, bright, gen, dev, taper, faint)
-    S_short = streak_layer(b, h, w, density * short, (length * R(0.35, 0.7)).clamp_min(5).round(), angle + R(-3, 3),
-                           width, bright, gen, dev, taper, faint)
-    S = 1 - (1 - S) * (1 - S_short)
-    # half of the streak images use the noise-blur-levels generator instead of dots
-    noisy = has_streaks & ~veil & (torch.rand(b, generator=gen) < 0.5)
-    thr, span = torch.where(heavy, R(0.0, 0.9), R(0.6, 1.6)), R(1.0, 2.5)
-    if noisy.any():
-        Sn = noise_streak_layer(b, h, w, thr, span, (length * 1.5).clamp_max(KERNEL_SIZE - 2), angle, width, bright,
-                                gen, dev, taper)  # thresholding shortens streaks: longer smear
-        S = torch.where(noisy.to(dev).view(-1, 1, 1, 1), Sn, S)
-        cover = (Sn > 0.05).float().mean((1, 2, 3)).cpu()
-        density = torch.where(noisy, cover / COVERAGE_PER_DENSITY, density)
+    if not cal:
+        S = streak_layer(b, h, w, density, length, angle, width, bright, gen, dev)
+    else:
+        # streak lengths vary within an image: a share of the streaks in a shorter sub-layer
+        short = R(0.0, 0.6) * has_streaks
+        S = streak_layer(b, h, w, density * (1 - short), length, angle, width, bright, gen, dev, taper, faint)
+        S_short = streak_layer(b, h, w, density * short, (length * R(0.35, 0.7)).clamp_min(5).round(),
+                               angle + R(-3, 3), width, bright, gen, dev, taper, faint)
+        S = 1 - (1 - S) * (1 - S_short)
+        # half of the streak images use the noise-blur-levels generator instead of dots
+        noisy = has_streaks & ~veil & (torch.rand(b, generator=gen) < 0.5)
+        thr, span = torch.where(heavy, R(0.0, 0.9), R(0.6, 1.6)), R(1.0, 2.5)
+        if noisy.any():
+            Sn = noise_streak_layer(b, h, w, thr, span, (length * 1.5).clamp_max(KERNEL_SIZE - 2), angle, width,
+                                    bright, gen, dev, taper)  # thresholding shortens streaks: longer smear
+            S = torch.where(noisy.to(dev).view(-1, 1, 1, 1), Sn, S)
+            cover = (Sn > 0.05).float().mean((1, 2, 3)).cpu()
+            density = torch.where(noisy, cover / COVERAGE_PER_DENSITY, density)
     # mixed rain: a second layer at another angle / length
-    mixed = (torch.rand(b, generator=gen) < torch.where(heavy | veil, 0.3, 0.15)) & has_streaks
+    p_mixed = torch.where(heavy | veil, 0.3, 0.15) if cal else 0.3
+    mixed = (torch.rand(b, generator=gen) < p_mixed) & has_streaks
     if mixed.any():
         S2 = streak_layer(b, h, w, density * R(0.3, 1.0) * mixed, (length * R(0.5, 1.5)).clamp(5, 70).round(),
                           (angle + R(-25, 25)).clamp(-45, 45), width * R(0.7, 1.3), bright * R(0.6, 1.0), gen, dev,
@@ -217,5 +234,5 @@ def rain_layer_stats(rainy: torch.Tensor, clean: torch.Tensor) -> dict:
     }
 
 
-__all__ = ["RainSample", "synthesize", "line_kernels", "streak_layer", "rain_layer_stats", "REGIMES",
+__all__ = ["RainSample", "synthesize", "STYLES", "noise_streak_layer", "line_kernels", "streak_layer", "rain_layer_stats", "REGIMES",
            "expert_for_label"]

@@ -41,6 +41,7 @@ class TrainConfig:
     layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
     norain_fraction: float = 0.0  # share of each batch that is rain-free clean crops (target = input)
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
+    synth_style: str = "classic"  # synthesis.STYLES: classic (the shipped model's) or calibrated
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
     mask_weight: float = 0.1
@@ -90,6 +91,9 @@ class TrainConfig:
         if bad:
             raise ValueError(f"unknown training options {sorted(bad)}; known: {sorted(known)}")
         cfg = cls(**d)
+        from .synthesis import STYLES
+        if cfg.synth_style not in STYLES:
+            raise ValueError(f"unknown synth_style {cfg.synth_style!r}; known: {list(STYLES)}")
         if cfg.loss_preset:
             if cfg.loss_preset not in PRESETS:
                 raise ValueError(f"unknown loss preset {cfg.loss_preset!r}; known: {sorted(PRESETS)}")
@@ -170,7 +174,7 @@ class Trainer:
         srcs, w = [], []
         if self.cfg.clean_dirs:
             srcs.append(SyntheticSource(self.cfg.clean_dirs, min_side=self.cfg.patch_size,
-                                        regime_probs=tuple(self.cfg.regime_probs)))
+                                        regime_probs=tuple(self.cfg.regime_probs), style=self.cfg.synth_style))
             w.append(1.0 - (self.cfg.pair_fraction if self.cfg.pair_dirs else 0.0))
         if self.cfg.pair_dirs:
             srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size))

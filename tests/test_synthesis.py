@@ -3,7 +3,7 @@ import torch
 
 from cliprpn_core.data import orientation_class
 from cliprpn_core.patterns import ATTRIBUTE_NAMES, EXPERTS
-from cliprpn_core.synthesis import line_kernels, streak_layer, synthesize
+from cliprpn_core.synthesis import STYLES, line_kernels, streak_layer, synthesize
 
 
 def _clean(b=4, s=64):
@@ -11,19 +11,21 @@ def _clean(b=4, s=64):
     return torch.rand(b, 3, s, s) * 0.5 + 0.2
 
 
-def test_seeded_and_deterministic():
+@pytest.mark.parametrize("style", STYLES)
+def test_seeded_and_deterministic(style):
     c = _clean()
-    a = synthesize(c, torch.Generator().manual_seed(3))
-    b = synthesize(c, torch.Generator().manual_seed(3))
+    a = synthesize(c, torch.Generator().manual_seed(3), style=style)
+    b = synthesize(c, torch.Generator().manual_seed(3), style=style)
     assert torch.equal(a.rainy, b.rainy) and torch.equal(a.labels, b.labels)
-    d = synthesize(c, torch.Generator().manual_seed(4))
+    d = synthesize(c, torch.Generator().manual_seed(4), style=style)
     assert not torch.equal(a.rainy, d.rainy)
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("regime", range(len(EXPERTS)))
-def test_regimes_shapes_ranges_labels(regime):
+def test_regimes_shapes_ranges_labels(regime, style):
     c = _clean()
-    s = synthesize(c, torch.Generator().manual_seed(0), regime=[regime] * 4)
+    s = synthesize(c, torch.Generator().manual_seed(0), regime=[regime] * 4, style=style)
     assert s.rainy.shape == c.shape and s.mask.shape == (4, 1, 64, 64)
     assert 0 <= s.rainy.min() and s.rainy.max() <= 1 and 0 <= s.mask.min() and s.mask.max() <= 1
     assert s.labels.shape == (4, len(ATTRIBUTE_NAMES))
@@ -80,10 +82,14 @@ def test_light_rain_matches_the_calibration_band():
     """Light synthetic streaks were calibrated to the Rain200L training layers (mean of rain - clean
     ~0.02, about 14 % of pixels above 0.05): a regression guard, wide enough for other seeds."""
     c = torch.full((8, 3, 128, 128), 0.3)
-    s = synthesize(c, torch.Generator().manual_seed(0), regime=[0] * 8)
+    s = synthesize(c, torch.Generator().manual_seed(0), regime=[0] * 8, style="calibrated")
     d = (s.rainy - c).mean(1)
     assert 0.008 < d.mean() < 0.045
     assert 0.04 < (d > 0.05).float().mean() < 0.3
+    classic = (synthesize(c, torch.Generator().manual_seed(0), regime=[0] * 8).rainy - c).mean(1)
+    assert classic.mean() > d.mean()  # the classic style is brighter
+    with pytest.raises(ValueError, match="unknown synthesis style"):
+        synthesize(c, torch.Generator(), style="photoshop")
 
 
 def test_rotate_center_turns_streaks_and_keeps_the_centre():
