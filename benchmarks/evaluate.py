@@ -2,7 +2,7 @@
 outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
 
   python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
-                                [--json out.json]
+                                [--top-k K] [--json out.json]
 
 --experts also forces every image through each single expert (routing vs best single expert);
 --self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option).
@@ -29,12 +29,12 @@ from cliprpn_core.patterns import EXPERTS  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run(derainer, set_dir, override=None, self_ensemble=False):
+def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1):
     routes = Counter()
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
-            r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble)
+            r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k)
             routes[EXPERTS[int(r.routing[0].argmax())]] += 1
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--experts", action="store_true")
     ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 passes)")
+    ap.add_argument("--top-k", type=int, default=1, help="experts per image for the routed runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -58,10 +59,10 @@ def main():
         d = Derainer(load_model(ck))
         res = {}
         for s in a.sets:
-            res[s] = {"routed": run(d, Path(a.data) / s)}
+            res[s] = {"routed": run(d, Path(a.data) / s, top_k=a.top_k)}
             print(f"{ck} {s} routed: {res[s]['routed']}", flush=True)
             if a.self_ensemble:
-                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True)
+                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k)
                 print(f"{ck} {s} routed + self-ensemble: {res[s]['routed_self_ensemble']}", flush=True)
             if a.experts:
                 for e in range(d.model.config.num_experts):

@@ -187,8 +187,10 @@ class RainLayerSource:
     """Real rain layers (rainy - clean of real pairs) composited over clean photos: real streak
     statistics on many backgrounds. Light vs heavy from the folder/name hints, as PairedSource."""
 
-    def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0):
+    def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
+                 gain=(0.7, 1.3)):
         self.max_rotation = float(max_rotation)
+        self.gain = tuple(float(g) for g in gain)
         self.pairs = PairedSource(pair_roots, min_side=min_side)
         keep = [i for i, h in enumerate(self.pairs.heavy) if only is None or (only == "heavy") == h]
         if not keep:
@@ -204,11 +206,15 @@ class RainLayerSource:
         picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)
-        big = int(math.ceil(size * 1.42)) + 1
-        layer = _random_crops(self.layers, n, big, gen, device, scale_range=(0.8, 1.2), indices=picks)
-        layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
+        if self.max_rotation > 0:
+            big = int(math.ceil(size * 1.42)) + 1
+            layer = _random_crops(self.layers, n, big, gen, device, scale_range=(0.8, 1.2), indices=picks)
+            layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
+        else:
+            layer = _random_crops(self.layers, n, size, gen, device, scale_range=(0.8, 1.2), indices=picks)
         clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
-        gain = (0.7 + 0.6 * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
+        lo, hi = self.gain
+        gain = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
         rainy = (clean + layer * gain).clamp(0, 1)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         lay = (rainy - clean).mean(1, keepdim=True)
