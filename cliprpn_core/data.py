@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .imageio import IMAGE_EXTS, list_images, load_rgb_uint8
 from .patterns import ATTRIBUTE_NAMES
-from .synthesis import RainSample, synthesize
+from .synthesis import STYLES, RainSample, synthesize
 
 HEAVY_HINTS = ("heavy", "rain200h", "raintrainh", "h_", "rain1400", "rain13k")
 
@@ -75,6 +75,8 @@ class SyntheticSource:
     """Synthetic labelled rain over clean photos (folders searched recursively)."""
 
     def __init__(self, folders, min_side=96, regime_probs=(0.5, 0.25, 0.1, 0.15), style="classic"):
+        if style not in STYLES:  # before the photos are decoded
+            raise ValueError(f"unknown synthesis style {style!r}; choose one of {', '.join(STYLES)}")
         files = []
         for f in [folders] if isinstance(folders, (str, Path)) else folders:
             f = Path(f)
@@ -206,12 +208,10 @@ class RainLayerSource:
         picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)
+        crop = int(math.ceil(size * 1.42)) + 1 if self.max_rotation > 0 else size
+        layer = _random_crops(self.layers, n, crop, gen, device, scale_range=(0.8, 1.2), indices=picks)
         if self.max_rotation > 0:
-            big = int(math.ceil(size * 1.42)) + 1
-            layer = _random_crops(self.layers, n, big, gen, device, scale_range=(0.8, 1.2), indices=picks)
             layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
-        else:
-            layer = _random_crops(self.layers, n, size, gen, device, scale_range=(0.8, 1.2), indices=picks)
         clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
         lo, hi = self.gain
         gain = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)

@@ -267,14 +267,12 @@ class Derainer:
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None)  # noqa: E731
             o = m = 0
-            for dims in flips:
+            for dims in flips:  # flip(()) is the identity
                 # flip the unpadded image so that padding stays at the bottom/right
-                src = inp[..., :h, :w].flip(dims) if dims else inp
-                oi, mi_ = run_tiled(fn, _pad_to(src, self.multiple) if dims else src, tile, overlap,
-                                    self.multiple, (3, 1), step)
-                oi, mi_ = oi[..., :h, :w].clamp(0, 1).cpu(), mi_[..., :h, :w].cpu()
-                o = o + (oi.flip(dims) if dims else oi) / len(flips)
-                m = m + (mi_.flip(dims) if dims else mi_) / len(flips)
+                src = inp if not dims else _pad_to(inp[..., :h, :w].flip(dims), self.multiple)
+                oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step)
+                o = o + oi[..., :h, :w].clamp(0, 1).cpu().flip(dims) / len(flips)
+                m = m + mi_[..., :h, :w].cpu().flip(dims) / len(flips)
                 done[0] += count_tiles(h, w, tile, overlap, self.multiple)
             outs.append(o)
             masks.append(m)

@@ -234,5 +234,5 @@ def rain_layer_stats(rainy: torch.Tensor, clean: torch.Tensor) -> dict:
     }
 
 
-__all__ = ["RainSample", "synthesize", "STYLES", "noise_streak_layer", "line_kernels", "streak_layer", "rain_layer_stats", "REGIMES",
-           "expert_for_label"]
+__all__ = ["RainSample", "synthesize", "STYLES", "noise_streak_layer", "line_kernels", "streak_layer",
+           "rain_layer_stats", "REGIMES", "expert_for_label"]

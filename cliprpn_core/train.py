@@ -92,9 +92,6 @@ class TrainConfig:
         if bad:
             raise ValueError(f"unknown training options {sorted(bad)}; known: {sorted(known)}")
         cfg = cls(**d)
-        from .synthesis import STYLES
-        if cfg.synth_style not in STYLES:
-            raise ValueError(f"unknown synth_style {cfg.synth_style!r}; known: {list(STYLES)}")
         if cfg.loss_preset:
             if cfg.loss_preset not in PRESETS:
                 raise ValueError(f"unknown loss preset {cfg.loss_preset!r}; known: {sorted(PRESETS)}")

@@ -148,3 +148,8 @@ def test_all_sources_mixed_and_norain_is_identity(tmp_path, data_dirs):
     with pytest.raises(ValueError, match="negative share"):
         Trainer(_cfg(tmp_path, data_dirs, steps=2, layer_dirs=[str(pairs)], layer_fraction=0.6,
                      norain_fraction=0.5), progress=False)
+
+
+def test_unknown_synthesis_style_fails_before_training(tmp_path, data_dirs):
+    with pytest.raises(ValueError, match="unknown synthesis style 'photoshop'"):
+        Trainer(_cfg(tmp_path, data_dirs, steps=1, synth_style="photoshop"), progress=False)
