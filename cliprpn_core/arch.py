@@ -303,3 +303,45 @@ class CLIPRPN(nn.Module):
             routing = route(router_logits, top_k, temperature, override)
         img, ml, pyr = self.restore(x, routing, mask)
         return CLIPRPNOutput(img, ml, pyr, routing, pattern_logits, router_logits)
+
+
+def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
+    """Initialise ``model`` from a smaller trained ``src`` that differs only in block counts.
+
+    Every tensor of ``src`` must exist in ``model`` with the same shape; the tensors ``model`` has
+    beyond it must belong to extra NAFNet blocks, which start as the identity (their residual
+    scales ``beta``/``gamma`` are zero), so the grown model computes exactly what ``src`` computed
+    and training only adds capacity. Returns the names of the new tensors. ``probe_size`` > 0 checks
+    that identity on a random probe image of that side."""
+    own, sd = model.state_dict(), src.state_dict()
+    extra_src = sorted(set(sd) - set(own))
+    wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if extra_src or wrong:
+        raise ValueError("cannot grow: the new config is not a superset of the old one "
+                         f"(tensors only in the old model: {extra_src[:3]}; different shapes: {wrong[:3]}). "
+                         "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
+                         "expert_dec_blocks) may grow")
+    new = sorted(set(own) - set(sd))
+    blocks = {name for name, m in model.named_modules() if isinstance(m, Block)}
+    for k in new:
+        if k.rsplit(".", 1)[0] not in blocks and k.rsplit(".", 2)[0] not in blocks:
+            raise ValueError(f"cannot grow: new tensor {k} is not part of an added block")
+    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, Block) and f"{name}.beta" in new:
+                m.beta.zero_()
+                m.gamma.zero_()
+    if probe_size:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(1, 3, probe_size, probe_size, generator=g)
+        r = torch.zeros(1, model.config.num_experts)
+        r[0, 0] = 1.0
+        model_mode, src_mode = model.training, src.training
+        model.eval(), src.eval()
+        with torch.no_grad():
+            d = (model(x, routing=r).image - src(x, routing=r).image).abs().max().item()
+        model.train(model_mode), src.train(src_mode)
+        if d > 1e-5:
+            raise RuntimeError(f"grown model differs from its source by {d:.2e} on a probe image")
+    return new

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .arch import CLIPRPN
+from .arch import CLIPRPN, pattern_probs
 from .checkpoint import CheckpointError, load_state_checked, read_metadata, save_model
 from .config import CLIPRPNConfig
 from .imageio import atomic_write_bytes
@@ -33,6 +33,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     model: dict = field(default_factory=dict)  # CLIPRPNConfig fields
     init: str = ""  # start from these model weights (safetensors) instead of random
+    grow: bool = False  # init may have fewer blocks than `model`: the added blocks start as the identity
+    trainable: list = field(default_factory=list)  # parameter-name prefixes to train (empty: all)
+    misroute_fraction: float = 0.0  # share of samples routed by the model's own router, not their label
     clean_dirs: list = field(default_factory=list)  # synthetic rain over these
     pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
@@ -139,9 +142,30 @@ class Trainer:
         if cfg.init:
             from .checkpoint import load_model
             init = load_model(cfg.init)
-            if init.config != self.model_cfg:
-                raise CheckpointError(f"init checkpoint {cfg.init} has a different model config than this run")
-            self.model.load_state_dict(init.state_dict())
+            if cfg.grow and init.config != self.model_cfg:
+                from .arch import grow_from
+                try:
+                    grow_from(self.model, init, probe_size=4 * self.model_cfg.pad_multiple)
+                except ValueError as e:
+                    raise CheckpointError(f"init checkpoint {cfg.init}: {e}") from e
+            elif init.config != self.model_cfg:
+                raise CheckpointError(f"init checkpoint {cfg.init} has a different model config than this run "
+                                      "(set grow = true to add blocks to it)")
+            else:
+                self.model.load_state_dict(init.state_dict())
+        if cfg.trainable:
+            names = [n for n, _ in self.model.named_parameters()]
+            for pre in cfg.trainable:
+                if not any(n == pre or n.startswith(pre + ".") for n in names):
+                    raise ValueError(f"trainable prefix {pre!r} matches no parameter; top-level modules: "
+                                     f"{sorted({n.split('.')[0] for n in names})}")
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in cfg.trainable))
+        if not 0.0 <= cfg.misroute_fraction <= 1.0:
+            raise ValueError(f"misroute_fraction must be in [0, 1], got {cfg.misroute_fraction}")
+        # perception is trained (and run) only while any of it is trainable
+        self.train_perception = any(p.requires_grad for n, p in self.model.named_parameters()
+                                    if n.startswith(("pattern_head.", "router.")))
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -149,7 +173,7 @@ class Trainer:
         self.losses = {k: LOSSES[k]().to(self.device) for k in self.schedule.names}
         self.mask_loss = MaskLoss().to(self.device)
         self.balance = LoadBalanceLoss()
-        params = list(self.model.parameters()) + list(self.schedule.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.schedule.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.net = self.model
         if self.world > 1:
@@ -206,8 +230,16 @@ class Trainer:
         if self.cfg.channels_last:
             rainy = rainy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            routing = F.one_hot(batch.expert, self.model.config.num_experts).float()  # synthetic labels route
-            out = m(rainy, routing=routing, with_pattern=True)
+            expert = batch.expert
+            if self.cfg.misroute_fraction > 0:
+                # train as the model is used: some samples go where the model's own router sends them,
+                # so an expert also learns to do no harm on rain it is sent by mistake
+                with torch.no_grad():
+                    own = self.model.router.logits(pattern_probs(self.model.perceive(rainy))).argmax(-1)
+                pick = torch.rand(expert.shape[0], generator=self.gen) < self.cfg.misroute_fraction
+                expert = torch.where(pick.to(expert.device), own.to(expert.device), expert)
+            routing = F.one_hot(expert, self.model.config.num_experts).float()  # synthetic labels route
+            out = m(rainy, routing=routing, with_pattern=self.train_perception)
             img, mlog, pyr, plog, rlog = out.image, out.mask_logits, out.mask_pyramid, out.pattern_logits, out.router_logits
         img = img.float()
         terms = {k: fn(img, clean) for k, fn in self.losses.items()}
@@ -215,13 +247,17 @@ class Trainer:
         ml = self.mask_loss(mlog.float(), batch.mask)
         for p in pyr:
             ml = ml + 0.25 * self.mask_loss(p.float(), F.adaptive_avg_pool2d(batch.mask, p.shape[-2:]))
-        ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
-                 for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
-        rlog = rlog.float()
-        rce = F.cross_entropy(rlog, batch.expert)
-        bal = self.balance(rlog, batch.expert)
-        total = total + self.cfg.mask_weight * ml + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
-        if self.cfg.balance_weight:
+        if self.train_perception:
+            ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
+                     for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
+            rlog = rlog.float()
+            rce = F.cross_entropy(rlog, batch.expert)
+            bal = self.balance(rlog, batch.expert)
+            total = total + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
+        else:
+            ce = rce = bal = torch.zeros((), device=img.device)
+        total = total + self.cfg.mask_weight * ml
+        if self.cfg.balance_weight and self.train_perception:
             total = total + self.cfg.balance_weight * bal
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs.update(mask=float(ml.detach()), pattern_ce=float(ce.detach()), router_ce=float(rce.detach()),

@@ -153,3 +153,71 @@ def test_all_sources_mixed_and_norain_is_identity(tmp_path, data_dirs):
 def test_unknown_synthesis_style_fails_before_training(tmp_path, data_dirs):
     with pytest.raises(ValueError, match="unknown synthesis style 'photoshop'"):
         Trainer(_cfg(tmp_path, data_dirs, steps=1, synth_style="photoshop"), progress=False)
+
+
+def _save_tiny(path, **over):
+    from cliprpn_core.arch import CLIPRPN
+    from cliprpn_core.checkpoint import save_model
+    from cliprpn_core.config import CLIPRPNConfig
+    torch.manual_seed(1)
+    m = CLIPRPN(CLIPRPNConfig.from_dict({**TINY, **over}))
+    with torch.no_grad():  # trained-looking residual scales, so the old blocks are not the identity
+        for n, p in m.named_parameters():
+            if n.endswith(("beta", "gamma")):
+                p.normal_(0, 0.1)
+    save_model(m, path)
+    return m
+
+
+def test_grow_keeps_the_function_then_trains_only_what_is_asked(tmp_path, data_dirs):
+    src = _save_tiny(tmp_path / "small.safetensors")
+    cfg = _cfg(tmp_path, data_dirs, steps=3, init=str(tmp_path / "small.safetensors"), grow=True,
+               model={**TINY, "dec_blocks": [3], "enc_blocks": [2]}, trainable=["decoders", "outro"],
+               misroute_fraction=0.5)
+    t = Trainer(cfg, progress=False)
+    x = torch.rand(2, 3, 32, 32)
+    r = torch.eye(TINY.get("num_experts", 4))[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(t.model.eval()(x, routing=r).image, src.eval()(x, routing=r).image,
+                                   atol=1e-5, rtol=0)
+    t.model.train()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.fit()
+    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("decoders.", "outro.")) for n in changed)
+    assert any(n.startswith("decoders.0.2.") for n in changed)  # an added block learned
+    assert not t.train_perception
+    rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["pattern_ce"] == 0.0 and np.isfinite(rec["total"])
+
+
+def test_grow_refuses_what_is_not_growth(tmp_path, data_dirs):
+    from cliprpn_core.checkpoint import CheckpointError
+    _save_tiny(tmp_path / "small.safetensors")
+    init = str(tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointError, match="grow = true"):
+        Trainer(_cfg(tmp_path, data_dirs, init=init, model={**TINY, "dec_blocks": [2]}), progress=False)
+    with pytest.raises(CheckpointError, match="not a superset"):
+        Trainer(_cfg(tmp_path, data_dirs, init=init, grow=True, model={**TINY, "widths": [8, 24]}), progress=False)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(_cfg(tmp_path, data_dirs, trainable=["decoder"]), progress=False)
+    with pytest.raises(ValueError, match="misroute_fraction"):
+        Trainer(_cfg(tmp_path, data_dirs, misroute_fraction=1.5), progress=False)
+
+
+def test_misroute_routes_by_the_model_own_router(tmp_path, data_dirs):
+    t = Trainer(_cfg(tmp_path, data_dirs, misroute_fraction=1.0), progress=False)
+    seen = {}
+    orig = t.model.restore
+
+    def spy(x, routing, mask=None):
+        seen["routing"] = routing.detach().clone()
+        return orig(x, routing, mask)
+
+    t.model.restore = spy
+    batch = t.source.batch(3, 32, torch.Generator().manual_seed(0), t.device)
+    t.compute_losses(batch)
+    with torch.no_grad():
+        from cliprpn_core.arch import pattern_probs
+        own = t.model.router.logits(pattern_probs(t.model.perceive(batch.rainy))).argmax(-1)
+    assert torch.equal(seen["routing"].argmax(-1), own)
