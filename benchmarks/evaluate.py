@@ -38,8 +38,15 @@ def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1):
             routes[EXPERTS[int(r.routing[0].argmax())]] += 1
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
-        m = evaluate_folders(out, Path(set_dir) / "gt", progress=False)["mean"]
-    return {"psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4), "routing": dict(routes), "seconds": round(secs, 1)}
+        ev = evaluate_folders(out, Path(set_dir) / "gt", progress=False)
+    m = ev["mean"]
+    per = {r["name"]: round(r["psnr"], 3) for r in ev["images"]}
+    return {"psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4), "routing": dict(routes), "seconds": round(secs, 1),
+            "per_image_psnr": per}
+
+
+def _short(r):
+    return {k: v for k, v in r.items() if k != "per_image_psnr"}
 
 
 def main():
@@ -60,14 +67,14 @@ def main():
         res = {}
         for s in a.sets:
             res[s] = {"routed": run(d, Path(a.data) / s, top_k=a.top_k)}
-            print(f"{ck} {s} routed: {res[s]['routed']}", flush=True)
+            print(f"{ck} {s} routed: {_short(res[s]['routed'])}", flush=True)
             if a.self_ensemble:
                 res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k)
-                print(f"{ck} {s} routed + self-ensemble: {res[s]['routed_self_ensemble']}", flush=True)
+                print(f"{ck} {s} routed + self-ensemble: {_short(res[s]['routed_self_ensemble'])}", flush=True)
             if a.experts:
                 for e in range(d.model.config.num_experts):
                     res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e)
-                    print(f"{ck} {s} forced {EXPERTS[e]}: {res[s][f'forced_{EXPERTS[e]}']}", flush=True)
+                    print(f"{ck} {s} forced {EXPERTS[e]}: {_short(res[s][f'forced_{EXPERTS[e]}'])}", flush=True)
         results[ck] = res
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -61,6 +61,15 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return a[..., 0] if a.shape[-1] == 1 else a
 
 
+def _read_umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path, write_fn):
     """Write through a temporary file in the same folder, then rename: never a half file."""
     path = Path(path)
@@ -69,6 +78,8 @@ def atomic_write_bytes(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -66,6 +66,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA), none, bf16, fp16
     log_every: int = 25
     ckpt_every: int = 500
+    snapshot_every: int = 0  # also keep the EMA weights of every N-th step as model_step{N}.safetensors
     max_minutes: float = 0.0  # stop (checkpointed) after this long; resume continues
     budget_minutes: float = 0.0  # size `steps` so the whole run takes about this long (measured rate)
     channels_last: bool = True
@@ -389,6 +390,9 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0:
                     self.save_state()
                     self.plot()
+                if cfg.snapshot_every and self.step % cfg.snapshot_every == 0 and self.rank == 0:
+                    save_model(self.ema, self.out / f"model_step{self.step}.safetensors",
+                               {"trained_steps": self.step, "train_config": asdict(cfg)})
                 if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
                     break
                 if self.world > 1:

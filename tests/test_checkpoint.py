@@ -105,3 +105,12 @@ def test_describe(tiny_ckpt):
     d = describe(tiny_ckpt)
     assert d["parameters"] == sum(p.numel() for p in CLIPRPN(tiny_config()).parameters())
     assert d["size_multiple"] == 4
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    # the temporary file of an atomic write is private; the finished file must not be
+    import os
+    import stat
+    from cliprpn_core.imageio import _UMASK, save_image
+    save_image(torch.zeros(3, 4, 4), tmp_path / "out.png")
+    assert stat.S_IMODE(os.stat(tmp_path / "out.png").st_mode) == 0o666 & ~_UMASK

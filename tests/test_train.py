@@ -49,8 +49,10 @@ def _cfg(tmp_path, data_dirs, **kw):
 
 
 def test_train_writes_everything(tmp_path, data_dirs):
-    out = Trainer(_cfg(tmp_path, data_dirs, steps=4), progress=False).fit()
+    out = Trainer(_cfg(tmp_path, data_dirs, steps=4, snapshot_every=2), progress=False).fit()
     run = tmp_path / "run"
+    assert load_model(run / "model_step2.safetensors").config.widths == (8, 16)
+    assert (run / "model_step4.safetensors").exists() and not (run / "model_step3.safetensors").exists()
     recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4]
     assert all(np.isfinite(r["total"]) for r in recs)
