@@ -155,13 +155,15 @@ class Trainer:
             else:
                 self.model.load_state_dict(init.state_dict())
         if cfg.trainable:
+            def under(name, pre):
+                return name == pre or name.startswith(pre + ".")
             names = [n for n, _ in self.model.named_parameters()]
             for pre in cfg.trainable:
-                if not any(n == pre or n.startswith(pre + ".") for n in names):
+                if not any(under(n, pre) for n in names):
                     raise ValueError(f"trainable prefix {pre!r} matches no parameter; top-level modules: "
                                      f"{sorted({n.split('.')[0] for n in names})}")
             for n, p in self.model.named_parameters():
-                p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in cfg.trainable))
+                p.requires_grad_(any(under(n, pre) for pre in cfg.trainable))
         if not 0.0 <= cfg.misroute_fraction <= 1.0:
             raise ValueError(f"misroute_fraction must be in [0, 1], got {cfg.misroute_fraction}")
         # perception is trained (and run) only while any of it is trainable
@@ -255,11 +257,11 @@ class Trainer:
             rce = F.cross_entropy(rlog, batch.expert)
             bal = self.balance(rlog, batch.expert)
             total = total + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
+            if self.cfg.balance_weight:
+                total = total + self.cfg.balance_weight * bal
         else:
             ce = rce = bal = torch.zeros((), device=img.device)
         total = total + self.cfg.mask_weight * ml
-        if self.cfg.balance_weight and self.train_perception:
-            total = total + self.cfg.balance_weight * bal
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs.update(mask=float(ml.detach()), pattern_ce=float(ce.detach()), router_ce=float(rce.detach()),
                     balance=float(bal.detach()), total=float(total.detach()))
@@ -311,7 +313,10 @@ class Trainer:
                 "model_config": self.model_cfg.to_json(), "opt_groups": json.dumps(osd["param_groups"]),
                 "schedule_state": json.dumps(self.schedule.state())}
         atomic_write_bytes(self.state_path, lambda tmp: save_file(t, tmp, metadata=meta))
-        save_model(self.ema, self.out / "model.safetensors", {"trained_steps": self.step, "train_config": asdict(self.cfg)})
+        self._save_ema(self.out / "model.safetensors")
+
+    def _save_ema(self, path):
+        save_model(self.ema, path, {"trained_steps": self.step, "train_config": asdict(self.cfg)})
 
     def load_state(self):
         meta = read_metadata(self.state_path)
@@ -391,8 +396,7 @@ class Trainer:
                     self.save_state()
                     self.plot()
                 if cfg.snapshot_every and self.step % cfg.snapshot_every == 0 and self.rank == 0:
-                    save_model(self.ema, self.out / f"model_step{self.step}.safetensors",
-                               {"trained_steps": self.step, "train_config": asdict(cfg)})
+                    self._save_ema(self.out / f"model_step{self.step}.safetensors")
                 if cfg.max_minutes and time.time() - t0 > cfg.max_minutes * 60:
                     break
                 if self.world > 1:
