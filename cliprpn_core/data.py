@@ -190,7 +190,10 @@ class RainLayerSource:
     statistics on many backgrounds. Light vs heavy from the folder/name hints, as PairedSource."""
 
     def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
-                 gain=(0.7, 1.3)):
+                 gain=(0.7, 1.3), light_share=0.5):
+        if not 0.0 <= float(light_share) <= 1.0:
+            raise ValueError(f"light_share must be in [0, 1] (the share of layer draws that are light rain), got {light_share}")
+        self.light_share = float(light_share)
         self.max_rotation = float(max_rotation)
         self.gain = tuple(float(g) for g in gain)
         self.pairs = PairedSource(pair_roots, min_side=min_side)
@@ -202,9 +205,12 @@ class RainLayerSource:
         self.clean = SyntheticSource(clean_folders, min_side=min_side)
 
     def batch(self, n, size, gen, device) -> RainSample:
-        # light and heavy layers are drawn equally often, however many of each there are
+        # light layers make up light_share of the draws (heavy the rest), however many of each there are;
+        # with only one kind present, that kind is drawn
         h = torch.tensor(self.heavy, dtype=torch.float32)
-        wts = torch.where(h > 0, 1.0 / max(1.0, float(h.sum())), 1.0 / max(1.0, float((1 - h).sum())))
+        n_heavy, n_light = float(h.sum()), float((1 - h).sum())
+        share = self.light_share if n_heavy and n_light else (1.0 if n_light else 0.0)
+        wts = torch.where(h > 0, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
         picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)

@@ -223,3 +223,26 @@ def test_misroute_routes_by_the_model_own_router(tmp_path, data_dirs):
         from cliprpn_core.arch import pattern_probs
         own = t.model.router.logits(pattern_probs(t.model.perceive(batch.rainy))).argmax(-1)
     assert torch.equal(seen["routing"].argmax(-1), own)
+
+
+def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
+    from cliprpn_core.data import RainLayerSource
+    clean, pairs = data_dirs
+    mixed = tmp_path / "mixed"
+    for sub in ("rain", "gt"):
+        (mixed / sub).mkdir(parents=True)
+        for f in (pairs / sub).iterdir():  # heavy_0, heavy_1 and one light pair
+            (mixed / sub / f.name).write_bytes(f.read_bytes())
+        (mixed / sub / "light_0.png").write_bytes((pairs / sub / "heavy_0.png").read_bytes())
+    gen = torch.Generator().manual_seed(0)
+    for share, want in ((1.0, 0), (0.0, 1)):
+        src = RainLayerSource([mixed], [clean], min_side=32, max_rotation=0, light_share=share)
+        assert sorted(src.heavy) == [False, True, True]
+        assert (src.batch(16, 32, gen, "cpu").expert == want).all()
+    src = RainLayerSource([mixed], [clean], min_side=32, max_rotation=0, light_share=0.75)
+    light = (src.batch(400, 32, gen, "cpu").expert == 0).float().mean().item()
+    assert 0.68 < light < 0.82  # light is one layer of three, yet drawn 3/4 of the time
+    only_heavy = RainLayerSource([pairs], [clean], min_side=32, max_rotation=0, light_share=1.0)
+    assert (only_heavy.batch(8, 32, gen, "cpu").expert == 1).all()  # the only kind there is
+    with pytest.raises(ValueError, match="light_share must be in"):
+        RainLayerSource([mixed], [clean], min_side=32, light_share=1.5)
