@@ -54,12 +54,16 @@ def cmd_derain(args):
 
 def cmd_eval(args):
     from .metrics import evaluate_folders
-    r = evaluate_folders(args.pred, args.gt, progress=not args.quiet)
+    r = evaluate_folders(args.pred, args.gt, progress=not args.quiet, rain_dir=args.rain)
+
+    def left(row):
+        return f" {row['rain_left']:6.3f}" if "rain_left" in row else ""
     if args.per_image:
         for row in r["images"]:
-            print(f"{row['name']:<30} {row['psnr']:7.3f} {row['ssim']:.4f}")
+            print(f"{row['name']:<30} {row['psnr']:7.3f} {row['ssim']:.4f}{left(row)}")
     print(f"{'mean (' + str(len(r['images'])) + ' images)':<30} {r['mean']['psnr']:7.3f} {r['mean']['ssim']:.4f}"
-          "   [Y-PSNR dB / SSIM, protocol of method.md]")
+          f"{left(r['mean'])}   [Y-PSNR dB / SSIM, protocol of method.md"
+          + ("; rain left: share of the rain still in the outputs, a diagnostic]" if args.rain else "]"))
     if r["missing"]:
         print(f"missing predictions: {len(r['missing'])} (e.g. {r['missing'][:3]})", file=sys.stderr)
         return 2
@@ -140,6 +144,7 @@ def build_parser():
     e = sub.add_parser("eval", help="Y-PSNR/SSIM of predictions against ground truth (same names)")
     e.add_argument("--pred", required=True)
     e.add_argument("--gt", required=True)
+    e.add_argument("--rain", help="the rainy inputs (same names): also report the rain_left diagnostic")
     e.add_argument("--per-image", action="store_true")
     e.add_argument("--json")
     e.add_argument("-q", "--quiet", action="store_true")

@@ -26,6 +26,20 @@ def psnr_y(pred: np.ndarray, gt: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def rain_left(pred: np.ndarray, rain: np.ndarray, gt: np.ndarray, threshold: float = 5.0) -> float:
+    """Diagnostic, not a protocol metric: the share of the rain that an output still carries, on the Y
+    channel of 8-bit images. Over the pixels where the rainy input differs from the ground truth by more
+    than `threshold` grey levels, the least-squares slope of (pred - gt) on (rain - gt): 0 when the rain
+    is removed exactly, 1 when the output is the input, and between them when streaks are only dimmed."""
+    _same_shape(pred, gt)
+    _same_shape(rain, gt)
+    yg = rgb_to_y(gt)
+    r, p = rgb_to_y(rain) - yg, rgb_to_y(pred) - yg
+    m = np.abs(r) > threshold
+    den = float((r[m] ** 2).sum())
+    return float("nan") if den == 0 else float((r[m] * p[m]).sum() / den)
+
+
 def _gauss_window(size=11, sigma=1.5):
     r = np.arange(size) - (size - 1) / 2
     g = np.exp(-(r ** 2) / (2 * sigma ** 2))
@@ -62,8 +76,9 @@ def _same_shape(a, b):
                          "outputs must be saved at exactly the input size")
 
 
-def evaluate_folders(pred_dir, gt_dir, progress=True):
-    """Per-image and mean Y-PSNR/SSIM over files with the same names in two folders."""
+def evaluate_folders(pred_dir, gt_dir, progress=True, rain_dir=None):
+    """Per-image and mean Y-PSNR/SSIM over files with the same names in two folders; with the rainy
+    inputs' folder also the `rain_left` diagnostic (share of the rain the outputs still carry)."""
     from pathlib import Path
 
     from .imageio import IMAGE_EXTS, load_rgb_uint8
@@ -86,8 +101,15 @@ def evaluate_folders(pred_dir, gt_dir, progress=True):
                 continue
             p = cands[0]
         a, b = load_rgb_uint8(p), load_rgb_uint8(g)
-        rows.append({"name": g.name, "psnr": psnr_y(a, b), "ssim": ssim_y(a, b)})
+        row = {"name": g.name, "psnr": psnr_y(a, b), "ssim": ssim_y(a, b)}
+        if rain_dir is not None:
+            r = Path(rain_dir) / g.name
+            if not r.exists():
+                raise FileNotFoundError(f"no rainy input {r} for ground truth {g.name}: the rain folder must use "
+                                        "the ground truth's file names")
+            row["rain_left"] = rain_left(a, load_rgb_uint8(r), b)
+        rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no predictions in {pred_dir} match the names in {gt_dir}")
-    mean = {"psnr": float(np.mean([r["psnr"] for r in rows])), "ssim": float(np.mean([r["ssim"] for r in rows]))}
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k != "name"}
     return {"mean": mean, "images": rows, "missing": missing}

@@ -71,6 +71,16 @@ def test_eval_and_info(tmp_path, tiny_ckpt, capsys):
     Image.fromarray(img).save(a / "x.png")
     assert main(["eval", "--pred", str(a), "--gt", str(b), "-q"]) == 0
     assert "48.131" in capsys.readouterr().out
+    r = tmp_path / "rain"
+    r.mkdir()
+    img[..., 1] += 20  # the "rain" is 10x the prediction's remaining error
+    Image.fromarray(img).save(r / "x.png")
+    assert main(["eval", "--pred", str(a), "--gt", str(b), "--rain", str(r), "-q", "--per-image"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" 0.091") == 2 and "rain left" in out  # Y moves 1 of 11 levels: 1/11 of the rain kept
+    (r / "x.png").rename(r / "y.png")
+    assert main(["eval", "--pred", str(a), "--gt", str(b), "--rain", str(r), "-q"]) == 1
+    assert "must use the ground truth's file names" in capsys.readouterr().err
     assert main(["info", str(tiny_ckpt)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["widths"] == [8, 16] and info["parameters"] > 0

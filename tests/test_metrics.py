@@ -46,3 +46,19 @@ def test_rain100l_input_vs_gt_reference():
     assert len(r["images"]) == 100
     assert r["mean"]["psnr"] == pytest.approx(26.90, abs=0.005)
     assert r["mean"]["ssim"] == pytest.approx(0.838, abs=0.0005)
+
+
+def test_rain_left_measures_the_share_of_rain_kept():
+    from cliprpn_core.metrics import rain_left
+    rng = np.random.default_rng(0)
+    gt = rng.integers(40, 180, (48, 64, 3)).astype(np.uint8)
+    streaks = np.zeros((48, 64, 1))
+    streaks[:, ::6] = 60.0
+    rain = (gt + streaks).clip(0, 255).astype(np.uint8)
+    dimmed = (gt + 0.3 * streaks).round().clip(0, 255).astype(np.uint8)
+    assert rain_left(gt, rain, gt) == 0.0
+    assert rain_left(rain, rain, gt) == pytest.approx(1.0)
+    assert rain_left(dimmed, rain, gt) == pytest.approx(0.3, abs=0.02)
+    assert np.isnan(rain_left(gt, gt, gt))  # no rain to measure
+    with pytest.raises(ValueError, match="differ in size"):
+        rain_left(gt, rain[:10], gt)
