@@ -41,6 +41,22 @@ class CharbonnierLoss(_Loss):
         return self._reduce(torch.sqrt((pred - target) ** 2 + self.eps ** 2))
 
 
+class PSNRLoss(_Loss):
+    """The PSNR deficit of each image: 10 log10(1 + MSE_i / 10^(-ceiling/10)), i.e. about
+    ceiling_db - PSNR_i for images below the ceiling, and 0 for a perfect one (positive, so the dynamic
+    schedules can weight it). Its gradient is that of -PSNR_i (NAFNet's PSNR loss): it follows the
+    protocol, which averages per-image PSNR, and unlike L1/Charbonnier it does not settle for the median
+    where rain and texture are confused. Reduced over images (``none`` gives one value per image)."""
+
+    def __init__(self, loss_weight=1.0, reduction="mean", ceiling_db=50.0):
+        super().__init__(loss_weight, reduction)
+        self.floor = 10.0 ** (-ceiling_db / 10.0)
+
+    def forward(self, pred, target):
+        mse = ((pred - target) ** 2).flatten(1).mean(1)
+        return self._reduce(10.0 * torch.log10(1.0 + mse / self.floor))
+
+
 def _gauss(size=11, sigma=1.5, device="cpu"):
     r = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-r ** 2 / (2 * sigma ** 2))
@@ -117,7 +133,8 @@ class LoadBalanceLoss(_Loss):
         return self.loss_weight * e * (f * p).sum()
 
 
-LOSSES = {"l1": L1Loss, "charbonnier": CharbonnierLoss, "ssim": SSIMLoss, "edge": EdgeLoss, "fft": FFTLoss}
+LOSSES = {"l1": L1Loss, "charbonnier": CharbonnierLoss, "psnr": PSNRLoss, "ssim": SSIMLoss, "edge": EdgeLoss,
+          "fft": FFTLoss}
 
 
 # ---------------------------------------------------------------------------------------------

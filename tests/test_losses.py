@@ -89,3 +89,20 @@ def test_build_schedule_and_errors():
         LossSchedule({"perceptual": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         LossSchedule({"l1": -1.0})
+
+
+def test_psnr_loss_is_the_psnr_deficit_per_image():
+    t = torch.full((2, 3, 8, 8), 0.5)
+    p = t.clone()
+    p[0] += 0.01  # MSE 1e-4: PSNR 40 dB
+    p[1] += 0.1  # MSE 1e-2: PSNR 20 dB
+    per = LOSSES["psnr"](reduction="none")(p, t)
+    assert per.shape == (2,)
+    # about 50 dB (the ceiling) minus PSNR, exactly 10 log10(1 + MSE / 1e-5)
+    torch.testing.assert_close(per, torch.tensor([10.414, 30.004]), atol=2e-3, rtol=0)
+    assert LOSSES["psnr"]()(t, t).item() == 0.0
+    assert LOSSES["psnr"](ceiling_db=60.0)(p, t).item() == pytest.approx(30.0, abs=0.05)  # mean of 20 and 40
+    # gradient of -PSNR: the image with the smaller error is pushed harder per unit of error
+    q = p.clone().requires_grad_(True)
+    LOSSES["psnr"]()(q, t).backward()
+    assert q.grad[0].abs().mean() > 5 * q.grad[1].abs().mean()
