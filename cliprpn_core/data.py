@@ -192,8 +192,8 @@ class RainLayerSource:
     def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
                  gain=(0.7, 1.3), light_share=0.5):
         if not 0.0 <= float(light_share) <= 1.0:
-            raise ValueError(f"light_share must be in [0, 1] (the share of layer draws that are light rain), got {light_share}")
-        self.light_share = float(light_share)
+            raise ValueError(f"light_share must be in [0, 1] (the share of layer draws that are light rain), "
+                             f"got {light_share}")
         self.max_rotation = float(max_rotation)
         self.gain = tuple(float(g) for g in gain)
         self.pairs = PairedSource(pair_roots, min_side=min_side)
@@ -203,15 +203,15 @@ class RainLayerSource:
         self.layers = [(self.pairs.rain[i].short() - self.pairs.gt[i].short()).clamp(0, 255).to(torch.uint8) for i in keep]
         self.heavy = [self.pairs.heavy[i] for i in keep]
         self.clean = SyntheticSource(clean_folders, min_side=min_side)
-
-    def batch(self, n, size, gen, device) -> RainSample:
         # light layers make up light_share of the draws (heavy the rest), however many of each there are;
         # with only one kind present, that kind is drawn
         h = torch.tensor(self.heavy, dtype=torch.float32)
         n_heavy, n_light = float(h.sum()), float((1 - h).sum())
-        share = self.light_share if n_heavy and n_light else (1.0 if n_light else 0.0)
-        wts = torch.where(h > 0, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
-        picks = torch.multinomial(wts, n, replacement=True, generator=gen).tolist()
+        share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
+        self.draw_weights = torch.where(h > 0, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
+
+    def batch(self, n, size, gen, device) -> RainSample:
+        picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)
         crop = int(math.ceil(size * 1.42)) + 1 if self.max_rotation > 0 else size
