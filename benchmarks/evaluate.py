@@ -2,7 +2,7 @@
 outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
 
   python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
-                                [--top-k K] [--json out.json]
+                                [--top-k K] [--passes N] [--json out.json]
 
 --experts also forces every image through each single expert (routing vs best single expert);
 --self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option).
@@ -29,12 +29,13 @@ from cliprpn_core.patterns import EXPERTS  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1):
+def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None):
     routes = Counter()
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
-            r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k)
+            r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k,
+                                passes=passes)
             routes[EXPERTS[int(r.routing[0].argmax())]] += 1
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
@@ -56,8 +57,9 @@ def main():
     ap.add_argument("--sets", nargs="+", default=["rain100l", "heavy_test"])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--experts", action="store_true")
-    ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 passes)")
+    ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 runs per image)")
     ap.add_argument("--top-k", type=int, default=1, help="experts per image for the routed runs")
+    ap.add_argument("--passes", type=int, default=0, help="restoration passes (0: each model's own setting)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -65,16 +67,18 @@ def main():
     results = {}
     for ck in a.checkpoints:
         d = Derainer(load_model(ck))
+        P = a.passes or None
+        print(f"{ck}: {P or d.model.config.passes} restoration pass(es)", flush=True)
         res = {}
         for s in a.sets:
-            res[s] = {"routed": run(d, Path(a.data) / s, top_k=a.top_k)}
+            res[s] = {"routed": run(d, Path(a.data) / s, top_k=a.top_k, passes=P)}
             print(f"{ck} {s} routed: {_short(res[s]['routed'])}", flush=True)
             if a.self_ensemble:
-                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k)
+                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k, passes=P)
                 print(f"{ck} {s} routed + self-ensemble: {_short(res[s]['routed_self_ensemble'])}", flush=True)
             if a.experts:
                 for e in range(d.model.config.num_experts):
-                    res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e)
+                    res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e, passes=P)
                     print(f"{ck} {s} forced {EXPERTS[e]}: {_short(res[s][f'forced_{EXPERTS[e]}'])}", flush=True)
         results[ck] = res
     if a.json:

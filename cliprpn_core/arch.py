@@ -8,13 +8,13 @@ matches untiled inference once the tile overlap covers the receptive field.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPRPNConfig
+from .config import MAX_PASSES, CLIPRPNConfig
 from .patterns import NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
 
 
@@ -216,6 +216,7 @@ class CLIPRPNOutput:
     routing: torch.Tensor  # [B,E] expert weights used
     pattern_logits: torch.Tensor | None  # pattern head logits when it ran
     router_logits: torch.Tensor | None = None  # router logits when perception ran
+    pass_images: list = field(default_factory=list)  # outputs of the passes before the last one
 
 
 class CLIPRPN(nn.Module):
@@ -260,9 +261,28 @@ class CLIPRPN(nn.Module):
         """Fused rain-mask logits at the (padded) input resolution."""
         return self.mask_estimator(self.encode(x))[0]
 
-    def restore(self, x, routing, mask=None):
+    def restore(self, x, routing, mask=None, passes=None):
         """Restore with given expert weights [B,E]. ``mask`` (0..1, [B,1,H,W]) overrides the
-        estimated one in the cross-attention."""
+        estimated one in the cross-attention. ``passes`` (default: the config's) restores the
+        previous pass's output again with the same weights and routing; the masks returned are
+        those of the first pass (the rain of the input)."""
+        images, mask_logits, pyramid = self.restore_passes(x, routing, mask, passes)
+        return images[-1], mask_logits, pyramid
+
+    def restore_passes(self, x, routing, mask=None, passes=None):
+        """-> (the image after each pass, first-pass mask logits, first-pass mask pyramid)."""
+        passes = self.config.passes if passes is None else int(passes)
+        if not 1 <= passes <= MAX_PASSES:
+            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {passes}")
+        y, mask_logits, pyramid = self._restore_once(x, routing, mask)
+        images = [y]
+        for _ in range(passes - 1):
+            # the next pass sees a valid image, as at the first pass (clamp passes gradients inside 0..1)
+            y = self._restore_once(y.clamp(0, 1), routing, mask)[0]
+            images.append(y)
+        return images, mask_logits, pyramid
+
+    def _restore_once(self, x, routing, mask=None):
         feats = self.encode(x)
         mask_logits, pyramid = self.mask_estimator(feats)
         bottom = feats[-1]
@@ -290,7 +310,7 @@ class CLIPRPN(nn.Module):
         return x + self.outro(h), mask_logits, pyramid
 
     def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
-                mask=None, with_pattern=False) -> CLIPRPNOutput:
+                mask=None, with_pattern=False, passes=None) -> CLIPRPNOutput:
         """``routing`` given: use it (training routes by synthetic labels). ``with_pattern``: also run
         the pattern head and router so their losses share this forward (one DDP forward)."""
         if pattern_logits is None and (routing is None or with_pattern):
@@ -301,8 +321,8 @@ class CLIPRPN(nn.Module):
             router_logits = self.router.logits(pattern_probs(pattern_logits).detach())
         if routing is None:
             routing = route(router_logits, top_k, temperature, override)
-        img, ml, pyr = self.restore(x, routing, mask)
-        return CLIPRPNOutput(img, ml, pyr, routing, pattern_logits, router_logits)
+        images, ml, pyr = self.restore_passes(x, routing, mask, passes)
+        return CLIPRPNOutput(images[-1], ml, pyr, routing, pattern_logits, router_logits, images[:-1])
 
 
 def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
@@ -340,7 +360,7 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
         model_mode, src_mode = model.training, src.training
         model.eval(), src.eval()
         with torch.no_grad():
-            d = (model(x, routing=r).image - src(x, routing=r).image).abs().max().item()
+            d = (model(x, routing=r, passes=1).image - src(x, routing=r, passes=1).image).abs().max().item()
         model.train(model_mode), src.train(src_mode)
         if d > 1e-5:
             raise RuntimeError(f"grown model differs from its source by {d:.2e} on a probe image")

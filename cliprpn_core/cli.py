@@ -30,7 +30,7 @@ def cmd_derain(args):
         try:
             img = read_image(f)
             r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None, overlap=args.overlap,
-                         self_ensemble=args.self_ensemble)
+                         self_ensemble=args.self_ensemble, passes=args.passes or None)
         except (ImageReadError, ValueError) as e:
             failed += 1
             tqdm.write(f"skipped {f}: {e}", file=sys.stderr)
@@ -135,6 +135,8 @@ def build_parser():
     d.add_argument("--self-ensemble", action="store_true",
                    help="average the image and its 3 flips (4 passes: a little cleaner, 4x slower)")
     d.add_argument("--top-k", type=int, default=1, help="experts per image")
+    d.add_argument("--passes", type=int, default=0,
+                   help="restoration passes (0: the model's own setting; each pass restores the previous output)")
     d.add_argument("--expert", type=int, default=None, help="force one expert (index) for every image")
     d.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png")
     d.add_argument("--report", help="write per-image pattern, routing and seconds as JSON")

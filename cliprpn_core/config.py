@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .patterns import EXPERTS
 
 FORMAT_NAME = "clip-rpn"
 FORMAT_VERSION = 1
+MAX_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class CLIPRPNConfig:
     attn_window: int = 3  # each query attends to the window x window tokens around its cell
     head_width: int = 32  # CLIP-free pattern head
     head_size: int = 256  # pattern head sees the image resized to this square
+    passes: int = 1  # restoration passes: each pass restores the previous pass's output (shared weights)
 
     def __post_init__(self):
         n = len(self.widths)
@@ -43,6 +45,12 @@ class CLIPRPNConfig:
                 raise ValueError(f"width {w} is not divisible by attn_heads={self.attn_heads}")
         if self.attn_window % 2 != 1:
             raise ValueError("attn_window must be odd")
+        if not 1 <= self.passes <= MAX_PASSES:
+            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {self.passes}")
+
+    def same_weights(self, other: "CLIPRPNConfig") -> bool:
+        """True when the two configs describe the same tensors (they may differ in ``passes``)."""
+        return replace(self, passes=other.passes) == other
 
     @property
     def scale_factor(self) -> int:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import CLIPRPN, pattern_probs, route
+from .config import MAX_PASSES
 from .patterns import PATTERN_DIM
 
 MIN_SIDE = 8
@@ -214,13 +215,18 @@ class Derainer:
 
     @torch.inference_mode()
     def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
-               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False) -> DerainResult:
+               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False,
+               passes=None) -> DerainResult:
         """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
         outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
         [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention.
         ``self_ensemble``: average the restorations of the image and its horizontal, vertical and
-        double flips (4 passes; flips keep streaks streak-like, 90° turns would not)."""
+        double flips (4 runs; flips keep streaks streak-like, 90° turns would not). ``passes``:
+        restoration passes (default: the model's ``config.passes``; each pass restores the previous
+        output with the same routing; the mask is the first pass's)."""
         t0 = time.perf_counter()
+        if passes is not None and not 1 <= int(passes) <= MAX_PASSES:
+            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {passes}")
         rgb, alpha, c, h, w = self._prep(images)
         b = rgb.shape[0]
         source = "given"
@@ -265,7 +271,7 @@ class Derainer:
             mi = mask[i:i + 1] if mask is not None else None
 
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
-            fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None)  # noqa: E731
+            fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, passes)  # noqa: E731
             o = m = 0
             for dims in flips:  # flip(()) is the identity
                 # flip the unpadded image so that padding stays at the bottom/right
@@ -279,9 +285,9 @@ class Derainer:
         out = merge_channels(torch.cat(outs), alpha, c)
         return DerainResult(out, torch.cat(masks), pattern, routing, source, time.perf_counter() - t0)
 
-    def _restore(self, t, r, m):
+    def _restore(self, t, r, m, passes=None):
         t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device))
+        img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device), passes)
         return img.float(), torch.sigmoid(mlog.float())
 
 

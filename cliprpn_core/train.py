@@ -53,6 +53,7 @@ class TrainConfig:
     pattern_weight: float = 0.05
     router_weight: float = 0.05
     balance_weight: float = 0.0
+    pass_aux_weight: float = 0.5  # model.passes > 1: weight of the earlier passes' image losses (their mean)
     steps: int = 2000
     batch_size: int = 8
     patch_size: int = 128
@@ -144,13 +145,13 @@ class Trainer:
         if cfg.init:
             from .checkpoint import load_model
             init = load_model(cfg.init)
-            if cfg.grow and init.config != self.model_cfg:
+            if cfg.grow and not init.config.same_weights(self.model_cfg):
                 from .arch import grow_from
                 try:
                     grow_from(self.model, init, probe_size=4 * self.model_cfg.pad_multiple)
                 except ValueError as e:
                     raise CheckpointError(f"init checkpoint {cfg.init}: {e}") from e
-            elif init.config != self.model_cfg:
+            elif not init.config.same_weights(self.model_cfg):
                 raise CheckpointError(f"init checkpoint {cfg.init} has a different model config than this run "
                                       "(set grow = true to add blocks to it)")
             else:
@@ -248,6 +249,11 @@ class Trainer:
             img, mlog, pyr, plog, rlog = out.image, out.mask_logits, out.mask_pyramid, out.pattern_logits, out.router_logits
         img = img.float()
         terms = {k: fn(img, clean) for k, fn in self.losses.items()}
+        if out.pass_images and self.cfg.pass_aux_weight:
+            # deep supervision: every pass should already be a good restoration on its own
+            w = self.cfg.pass_aux_weight / len(out.pass_images)
+            terms = {k: v + w * sum(fn(p.float(), clean) for p in out.pass_images)
+                     for (k, fn), v in zip(self.losses.items(), terms.values())}
         total = self.schedule(terms, self.step, self.cfg.steps)
         ml = self.mask_loss(mlog.float(), batch.mask)
         for p in pyr:

@@ -99,3 +99,30 @@ def test_default_config_builds():
     n = sum(p.numel() for p in m.parameters())
     assert 0.5e6 < n < 3e6
     assert m.config.pad_multiple == 16
+
+
+def test_passes_restore_the_previous_output_again(tiny_model):
+    x = torch.rand(2, 3, 16, 16)
+    r = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]])
+    one, ml1, _ = tiny_model.restore(x, r)
+    two, ml2, _ = tiny_model.restore(x, r, passes=2)
+    torch.testing.assert_close(two, tiny_model.restore(one.clamp(0, 1), r)[0])
+    torch.testing.assert_close(ml2, ml1)  # the masks are the first pass's: the rain of the input
+    out = tiny_model(x, routing=r, passes=3)
+    assert len(out.pass_images) == 2
+    torch.testing.assert_close(out.pass_images[0], one)
+    assert tiny_model(x, routing=r).pass_images == []
+    with pytest.raises(ValueError, match="passes"):
+        tiny_model.restore(x, r, passes=0)
+
+
+def test_passes_config_default_validation_and_same_weights():
+    assert CLIPRPNConfig().passes == 1
+    assert CLIPRPNConfig.from_dict({}).passes == 1  # checkpoints written before the option existed
+    with pytest.raises(ValueError, match="passes"):
+        tiny_config(passes=0)
+    a, b = tiny_config(), tiny_config(passes=3)
+    assert a != b and a.same_weights(b) and b.same_weights(a)
+    assert not a.same_weights(tiny_config(widths=(8, 24)))
+    m = CLIPRPN(tiny_config(passes=2))
+    assert set(m.state_dict()) == set(CLIPRPN(a).state_dict())

@@ -35,6 +35,16 @@ def test_derain_folder_same_names_and_report(images, tiny_ckpt, tmp_path):
     assert abs(sum(r0["routing"].values()) - 1) < 1e-3 and "density:" in r0["pattern"]
 
 
+def test_derain_passes_option(images, tiny_ckpt, tmp_path):
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        assert main(["derain", str(images / "img0.png"), "-o", str(out), "--checkpoint", str(tiny_ckpt),
+                     "--device", "cpu", "--passes", str(n), "-q"]) == 0
+        outs[n] = np.asarray(Image.open(out / "img0.png"))
+    assert outs[1].shape == outs[2].shape and not np.array_equal(outs[1], outs[2])
+
+
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "zero.jpg").write_bytes(b"")

@@ -131,3 +131,20 @@ def test_self_ensemble_averages_the_flipped_passes(derainer):
     assert ens.images.shape == x.shape and ens.masks.shape == (1, 1, 37, 52)
     tiled = derainer.derain(x, routing=r, self_ensemble=True, tile=32, overlap=16)
     assert (tiled.images - ens.images).abs().max() < 2e-3
+
+
+def test_passes_option_and_model_setting(tiny_model):
+    from cliprpn_core import CLIPRPN, tiny_config
+    x = torch.rand(2, 3, 21, 30)
+    d1 = Derainer(tiny_model, device="cpu", dtype="fp32")
+    m2 = CLIPRPN(tiny_config(passes=2))
+    m2.load_state_dict(tiny_model.state_dict())
+    d2 = Derainer(m2, device="cpu", dtype="fp32")
+    a = d1.derain(x, passes=2)
+    b = d2.derain(x)  # the model's own setting
+    torch.testing.assert_close(a.images, b.images)
+    torch.testing.assert_close(d2.derain(x, passes=1).images, d1.derain(x).images)
+    assert not torch.allclose(a.images, d1.derain(x).images)
+    torch.testing.assert_close(a.masks, d1.derain(x).masks)  # the first pass's mask
+    with pytest.raises(ValueError, match="passes must be 1..8"):
+        d1.derain(x, passes=9)

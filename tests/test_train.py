@@ -210,13 +210,13 @@ def test_grow_refuses_what_is_not_growth(tmp_path, data_dirs):
 def test_misroute_routes_by_the_model_own_router(tmp_path, data_dirs):
     t = Trainer(_cfg(tmp_path, data_dirs, misroute_fraction=1.0), progress=False)
     seen = {}
-    orig = t.model.restore
+    orig = t.model.restore_passes
 
-    def spy(x, routing, mask=None):
+    def spy(x, routing, mask=None, passes=None):
         seen["routing"] = routing.detach().clone()
-        return orig(x, routing, mask)
+        return orig(x, routing, mask, passes)
 
-    t.model.restore = spy
+    t.model.restore_passes = spy
     batch = t.source.batch(3, 32, torch.Generator().manual_seed(0), t.device)
     t.compute_losses(batch)
     with torch.no_grad():
@@ -246,3 +246,28 @@ def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
     assert (only_heavy.batch(8, 32, gen, "cpu").expert == 1).all()  # the only kind there is
     with pytest.raises(ValueError, match="light_share must be in"):
         RainLayerSource([mixed], [clean], min_side=32, light_share=1.5)
+
+
+def test_two_pass_training_from_a_one_pass_model(tmp_path, data_dirs):
+    src = _save_tiny(tmp_path / "one.safetensors")
+    assert src.config.passes == 1
+    t = Trainer(_cfg(tmp_path, data_dirs, steps=2, init=str(tmp_path / "one.safetensors"), model={**TINY, "passes": 2},
+                     pass_aux_weight=0.5), progress=False)
+    x = torch.rand(2, 3, 32, 32)
+    r = torch.eye(4)[:2]
+    with torch.no_grad():  # same weights: its first pass is the 1-pass model, its second pass repeats it
+        one = src.eval()(x, routing=r).image
+        out = t.model.eval()(x, routing=r)
+        torch.testing.assert_close(out.pass_images[0], one, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.image, src(one.clamp(0, 1), routing=r).image, atol=1e-5, rtol=0)
+    t.model.train()
+    batch = t.source.batch(3, 32, torch.Generator().manual_seed(0), t.device)
+    total, terms, _ = t.compute_losses(batch)
+    t.cfg.pass_aux_weight = 0.0
+    _, final_only, _ = t.compute_losses(batch)
+    out = t.model(batch.rainy, routing=torch.nn.functional.one_hot(batch.expert, 4).float())
+    for k, fn in t.losses.items():  # aux weight 0.5: final-pass loss + 0.5 x first-pass loss
+        torch.testing.assert_close(terms[k], final_only[k] + 0.5 * fn(out.pass_images[0].float(), batch.clean))
+    t.cfg.pass_aux_weight = 0.5
+    t.fit()
+    assert load_model(tmp_path / "run" / "model.safetensors").config.passes == 2
