@@ -310,10 +310,12 @@ class CLIPRPN(nn.Module):
         return x + self.outro(h), mask_logits, pyramid
 
     def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
-                mask=None, with_pattern=False, passes=None) -> CLIPRPNOutput:
+                mask=None, with_pattern=False, passes=None, own_routing=None) -> CLIPRPNOutput:
         """``routing`` given: use it (training routes by synthetic labels). ``with_pattern``: also run
-        the pattern head and router so their losses share this forward (one DDP forward)."""
-        if pattern_logits is None and (routing is None or with_pattern):
+        the pattern head and router so their losses share this forward (one DDP forward).
+        ``own_routing`` (bool [B], with ``routing``): these samples go where the model's own router
+        sends them instead (its top expert), from the same pattern-head pass."""
+        if pattern_logits is None and (routing is None or with_pattern or own_routing is not None):
             pattern_logits = self.perceive(x)
         router_logits = None
         if pattern_logits is not None:
@@ -321,6 +323,9 @@ class CLIPRPN(nn.Module):
             router_logits = self.router.logits(pattern_probs(pattern_logits).detach())
         if routing is None:
             routing = route(router_logits, top_k, temperature, override)
+        elif own_routing is not None:
+            own = route(router_logits.detach().float(), top_k=1).to(routing.dtype)
+            routing = torch.where(own_routing.to(routing.device).view(-1, 1), own, routing)
         images, ml, pyr = self.restore_passes(x, routing, mask, passes)
         return CLIPRPNOutput(images[-1], ml, pyr, routing, pattern_logits, router_logits, images[:-1])
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .arch import CLIPRPN, pattern_probs
+from .arch import CLIPRPN
 from .checkpoint import CheckpointError, load_state_checked, read_metadata, save_model
 from .config import CLIPRPNConfig
 from .imageio import atomic_write_bytes
@@ -236,16 +236,14 @@ class Trainer:
         if self.cfg.channels_last:
             rainy = rainy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            expert = batch.expert
+            routing = F.one_hot(batch.expert, self.model.config.num_experts).float()  # synthetic labels route
+            pick = None
             if self.cfg.misroute_fraction > 0:
                 # train as the model is used: some samples go where the model's own router sends them,
-                # so an expert also learns to do no harm on rain it is sent by mistake
-                with torch.no_grad():
-                    own = self.model.router.logits(pattern_probs(self.model.perceive(rainy))).argmax(-1)
-                pick = torch.rand(expert.shape[0], generator=self.gen) < self.cfg.misroute_fraction
-                expert = torch.where(pick.to(expert.device), own.to(expert.device), expert)
-            routing = F.one_hot(expert, self.model.config.num_experts).float()  # synthetic labels route
-            out = m(rainy, routing=routing, with_pattern=self.train_perception)
+                # so an expert also learns to do no harm on rain it is sent by mistake (decided inside
+                # the forward, from the same pattern-head pass that perception's losses use)
+                pick = torch.rand(batch.expert.shape[0], generator=self.gen) < self.cfg.misroute_fraction
+            out = m(rainy, routing=routing, with_pattern=self.train_perception, own_routing=pick)
             img, mlog, pyr, plog, rlog = out.image, out.mask_logits, out.mask_pyramid, out.pattern_logits, out.router_logits
         img = img.float()
         terms = {k: fn(img, clean) for k, fn in self.losses.items()}

@@ -121,14 +121,15 @@ def test_torchrun_two_cpu_processes(tmp_path, data_dirs):
                f"--master_port={port}",
                "-m", "cliprpn_core.train_cli", f"out_dir={json.dumps(str(tmp_path / 'ddp'))}",
                f"clean_dirs={json.dumps([str(clean)])}", f"pair_dirs={json.dumps([str(pairs)])}",
-               f"model={json.dumps(TINY)}", "batch_size=2", "patch_size=32", "steps=3", "log_every=1",
-               "device=\"cpu\"", "threads=1"]
+               f"model={json.dumps({**TINY, 'passes': 2})}", "batch_size=2", "patch_size=32", "steps=3",
+               "log_every=1", "device=\"cpu\"", "threads=1", "misroute_fraction=0.5"]
         r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             break
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3]  # only rank 0 logs
+    # DDP with everything trained, two passes and misrouting decided inside the one forward
     assert load_model(tmp_path / "ddp" / "model.safetensors").config.widths == (8, 16)
 
 
@@ -223,6 +224,18 @@ def test_misroute_routes_by_the_model_own_router(tmp_path, data_dirs):
         from cliprpn_core.arch import pattern_probs
         own = t.model.router.logits(pattern_probs(t.model.perceive(batch.rainy))).argmax(-1)
     assert torch.equal(seen["routing"].argmax(-1), own)
+
+
+def test_misroute_with_a_trainable_head_runs_the_head_once(tmp_path, data_dirs):
+    t = Trainer(_cfg(tmp_path, data_dirs, misroute_fraction=0.5), progress=False)
+    assert t.train_perception
+    calls = []
+    t.model.pattern_head.register_forward_hook(lambda *a: calls.append(1))
+    batch = t.source.batch(3, 32, torch.Generator().manual_seed(0), t.device)
+    total, _, logs = t.compute_losses(batch)
+    assert len(calls) == 1 and logs["pattern_ce"] > 0
+    total.backward()
+    assert t.model.pattern_head.fc[0].weight.grad is not None
 
 
 def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
