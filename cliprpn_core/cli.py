@@ -133,7 +133,7 @@ def build_parser():
     d.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: automatic for large images)")
     d.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
     d.add_argument("--self-ensemble", action="store_true",
-                   help="average the image and its 3 flips (4 passes: a little cleaner, 4x slower)")
+                   help="average the image and its 3 flips (4 runs: a little cleaner, 4x slower)")
     d.add_argument("--top-k", type=int, default=1, help="experts per image")
     d.add_argument("--passes", type=int, default=0,
                    help="restoration passes (0: the model's own setting; each pass restores the previous output)")
