@@ -280,6 +280,8 @@ PRESETS = {
     # the PSNR loss in place of Charbonnier; 0.005 gives it about 1.8x Charbonnier's gradient norm in the mix
     # (measured on the shipped model), so the mask and pattern terms keep their share
     "psnr": {"type": "fixed", "weights": {"psnr": 0.005}},
+    # the same mix with fixed weights: the fixed counterpart of psnr_dwa in the ablation
+    "psnr_mix": {"type": "fixed", "weights": {"psnr": 0.005, "ssim": 0.2, "edge": 0.05, "fft": 0.01}},
     "psnr_dwa": {"type": "dwa", "weights": {"psnr": 0.005, "ssim": 0.2, "edge": 0.05, "fft": 0.01},
                  "temperature": 2.0, "period": 50},
 }

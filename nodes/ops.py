@@ -20,7 +20,7 @@ from ..cliprpn_core.arch import pattern_probs
 
 CLIP_NONE = "none (built-in pattern head)"
 DOWNLOAD_PREFIX = "download: "
-SCHEDULES = ("charbonnier", "mix", "curriculum", "dwa", "uncertainty", "psnr", "psnr_dwa")
+SCHEDULES = ("charbonnier", "mix", "curriculum", "dwa", "uncertainty", "psnr", "psnr_mix", "psnr_dwa")
 EXPERT_AUTO = "auto (router decides)"
 REGIME_RANDOM = "random"
 MIN_TILE = 128
