@@ -76,7 +76,7 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
 
 
 def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP,
-           self_ensemble=False):
+           self_ensemble=False, passes=0):
     x = ops.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     weights = None
@@ -94,7 +94,8 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
                 bar[0] = H.Progress(n)
             bar[0](i, n)
         return d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
-                        tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble))
+                        tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble),
+                        passes=int(passes) or None)
 
     return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
 
@@ -202,6 +203,10 @@ class CrossAttentionDerain(io.ComfyNode):
                 io.Boolean.Input("self_ensemble", default=False, optional=True, advanced=True,
                                  tooltip="Average the results of the image and its three flips: a little "
                                          "cleaner (+0.3 dB on Rain100L), four times slower."),
+                io.Int.Input("passes", default=0, min=0, max=8, optional=True, advanced=True,
+                             tooltip="Restoration passes: each pass restores the previous result again "
+                                     "(0 = the checkpoint's own setting). More passes remove more rain, "
+                                     "and take that many times longer."),
             ],
             outputs=[
                 io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
@@ -211,8 +216,8 @@ class CrossAttentionDerain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
-                overlap=DEFAULT_OVERLAP, self_ensemble=False) -> io.NodeOutput:
-        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble)
+                overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0) -> io.NodeOutput:
+        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble, passes)
         return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 

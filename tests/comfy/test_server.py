@@ -110,7 +110,8 @@ def test_object_info_lists_every_node(srv):
                                             "overlap": "INT"}, {}, ["MASK"], ["mask"])
     assert sig("CLIPRPNCrossAttentionDerain") == (
         {"model": "CLIPRPN_MODEL", "image": "IMAGE", "top_k": "INT", "temperature": "FLOAT", "tile": "INT",
-         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN"}, ["IMAGE", "MASK"],
+         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN", "passes": "INT"},
+        ["IMAGE", "MASK"],
         ["image", "rain_mask"])
     assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {}, ["IMAGE"], ["image"])
     assert sig("CLIPRPNSynthesizeRain") == ({"image": "IMAGE", "seed": "INT", "regime": "COMBO"}, {},
@@ -198,7 +199,7 @@ def test_loader_runs_once_for_many_consumers(srv):
         "11": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
         "12": {"class_type": "CLIPRPNCrossAttentionDerain",
                "inputs": {"model": ["2", 0], "image": ["1", 0], "top_k": 1, "temperature": 1.0, "tile": 0,
-                          "overlap": 8, "self_ensemble": True}},
+                          "overlap": 8, "self_ensemble": True, "passes": 2}},
         "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
     }
     n0 = srv.log().count("CLIP-RPN: loaded")
