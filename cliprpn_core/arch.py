@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MAX_PASSES, CLIPRPNConfig
+from .config import CLIPRPNConfig, check_passes
 from .patterns import NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
 
 
@@ -271,9 +271,7 @@ class CLIPRPN(nn.Module):
 
     def restore_passes(self, x, routing, mask=None, passes=None):
         """-> (the image after each pass, first-pass mask logits, first-pass mask pyramid)."""
-        passes = self.config.passes if passes is None else int(passes)
-        if not 1 <= passes <= MAX_PASSES:
-            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {passes}")
+        passes = self.config.passes if passes is None else check_passes(passes)
         y, mask_logits, pyramid = self._restore_once(x, routing, mask)
         images = [y]
         for _ in range(passes - 1):

@@ -11,6 +11,14 @@ FORMAT_VERSION = 1
 MAX_PASSES = 8
 
 
+def check_passes(passes) -> int:
+    """A restoration pass count as int, or ValueError if it is outside 1..MAX_PASSES."""
+    n = int(passes)
+    if not 1 <= n <= MAX_PASSES:
+        raise ValueError(f"passes must be 1..{MAX_PASSES}, got {passes}")
+    return n
+
+
 @dataclass(frozen=True)
 class CLIPRPNConfig:
     in_channels: int = 3
@@ -45,8 +53,7 @@ class CLIPRPNConfig:
                 raise ValueError(f"width {w} is not divisible by attn_heads={self.attn_heads}")
         if self.attn_window % 2 != 1:
             raise ValueError("attn_window must be odd")
-        if not 1 <= self.passes <= MAX_PASSES:
-            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {self.passes}")
+        check_passes(self.passes)
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
         """True when the two configs describe the same tensors (they may differ in ``passes``)."""

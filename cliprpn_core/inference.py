@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import CLIPRPN, pattern_probs, route
-from .config import MAX_PASSES
+from .config import check_passes
 from .patterns import PATTERN_DIM
 
 MIN_SIDE = 8
@@ -225,8 +225,8 @@ class Derainer:
         restoration passes (default: the model's ``config.passes``; each pass restores the previous
         output with the same routing; the mask is the first pass's)."""
         t0 = time.perf_counter()
-        if passes is not None and not 1 <= int(passes) <= MAX_PASSES:
-            raise ValueError(f"passes must be 1..{MAX_PASSES}, got {passes}")
+        if passes is not None:
+            passes = check_passes(passes)  # before any work is done
         rgb, alpha, c, h, w = self._prep(images)
         b = rgb.shape[0]
         source = "given"

@@ -250,8 +250,8 @@ class Trainer:
         if out.pass_images and self.cfg.pass_aux_weight:
             # deep supervision: every pass should already be a good restoration on its own
             w = self.cfg.pass_aux_weight / len(out.pass_images)
-            terms = {k: v + w * sum(fn(p.float(), clean) for p in out.pass_images)
-                     for (k, fn), v in zip(self.losses.items(), terms.values())}
+            terms = {k: terms[k] + w * sum(fn(p.float(), clean) for p in out.pass_images)
+                     for k, fn in self.losses.items()}
         total = self.schedule(terms, self.step, self.cfg.steps)
         ml = self.mask_loss(mlog.float(), batch.mask)
         for p in pyr:

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from ..cliprpn_core import patterns as P
 from ..cliprpn_core import plotting
 from ..cliprpn_core.arch import pattern_probs
+from ..cliprpn_core.losses import PRESETS
 
 CLIP_NONE = "none (built-in pattern head)"
 DOWNLOAD_PREFIX = "download: "
-SCHEDULES = ("charbonnier", "mix", "curriculum", "dwa", "uncertainty", "psnr", "psnr_mix", "psnr_dwa")
+SCHEDULES = tuple(PRESETS)  # every loss preset of the core, in its order
 EXPERT_AUTO = "auto (router decides)"
 REGIME_RANDOM = "random"
 MIN_TILE = 128

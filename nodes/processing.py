@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
 from . import _host as H
 from . import ops
@@ -203,7 +204,7 @@ class CrossAttentionDerain(io.ComfyNode):
                 io.Boolean.Input("self_ensemble", default=False, optional=True, advanced=True,
                                  tooltip="Average the results of the image and its three flips: a little "
                                          "cleaner (+0.3 dB on Rain100L), four times slower."),
-                io.Int.Input("passes", default=0, min=0, max=8, optional=True, advanced=True,
+                io.Int.Input("passes", default=0, min=0, max=MAX_PASSES, optional=True, advanced=True,
                              tooltip="Restoration passes: each pass restores the previous result again "
                                      "(0 = the checkpoint's own setting). More passes remove more rain, "
                                      "and take that many times longer."),
