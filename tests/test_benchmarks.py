@@ -1,0 +1,45 @@
+"""The benchmark scripts' own logic (not their figures): which runs count as finished, and the table."""
+import importlib.util
+import json
+
+from conftest import ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_run(out, tiny_model, preset, seed, steps, trained, psnr):
+    from cliprpn_core import save_model
+    d = out / f"{preset}_s{seed}"
+    d.mkdir(parents=True)
+    save_model(tiny_model, d / "model.safetensors",
+               {"trained_steps": trained, "train_config": {"loss_preset": preset, "seed": seed, "steps": steps}})
+    if psnr is not None:
+        ev = {"x": {"rain100l": {"routed": {"psnr": psnr, "ssim": 0.9, "rain_left": 0.3}}}}
+        (out / f"{preset}_s{seed}.eval.json").write_text(json.dumps(ev))
+    return d / "model.safetensors"
+
+
+def test_loss_ablation_finished_runs_and_table(tmp_path, tiny_model, capsys):
+    la = _load("loss_ablation")
+    m = _fake_run(tmp_path, tiny_model, "charbonnier", 0, 5, 5, 30.0)
+    _fake_run(tmp_path, tiny_model, "charbonnier", 1, 5, 5, 31.0)
+    _fake_run(tmp_path, tiny_model, "dwa", 0, 5, 5, 32.0)
+    _fake_run(tmp_path, tiny_model, "dwa", 1, 5, 3, 33.0)  # interrupted at step 3: not finished
+    assert la.finished(m, "charbonnier", 0, 5)
+    assert not la.finished(m, "charbonnier", 1, 5)  # another seed's run
+    assert not la.finished(m, "charbonnier", 0, 600)  # another budget
+    assert not la.finished(tmp_path / "missing.safetensors", "charbonnier", 0, 5)
+
+    rc = la.main(["--presets", "charbonnier", "dwa", "--steps", "5", "--out", str(tmp_path), "--eval-only"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = {line.split("`")[1]: line for line in out.splitlines() if line.startswith("| `")}
+    assert "30.00 / 0.900 | 31.00 / 0.900 | 30.50 | 0.900 |" in rows["charbonnier"]
+    # one seed unfinished: its cell and the means stay empty instead of averaging one seed
+    assert "32.00 / 0.900 | – | – | – |" in rows["dwa"]
+    assert "fixed: 1 charbonnier" in rows["charbonnier"] and "dwa: 1 charbonnier + 0.2 ssim" in rows["dwa"]
