@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cliprpn_core import load_model
+from conftest import ROOT
 from cliprpn_core.train import TrainConfig, Trainer, lr_at
 
 TINY = {"widths": [8, 16], "enc_blocks": [1], "dec_blocks": [1], "middle_blocks": 1, "expert_blocks": 1,
@@ -106,6 +107,13 @@ def test_bad_options():
         TrainConfig.from_toml(None, ["steps"])
     with pytest.raises(ValueError, match="unknown loss preset"):
         TrainConfig.from_toml(None, ["loss_preset=magic"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    # every recorded recipe still loads with today's options (a renamed option would fail here, not mid-session)
+    c = TrainConfig.from_toml(str(path), [])
+    assert c.steps > 0 or c.budget_minutes > 0
 
 
 def test_torchrun_two_cpu_processes(tmp_path, data_dirs):

@@ -1,0 +1,69 @@
+"""Pack the training data for a GPU machine that gets only the repository (64 MiB in all travels).
+
+  python scripts/pack_gpu_data.py [--data ../shared/data] [--out .gpu_data] [--quality 90]
+
+Writes OUT/clean/ (the clean photos re-encoded as JPEG, which is what the session-1 GPU stage trained on)
+and OUT/heavy_train/, OUT/train_pairs_small/ (the real pairs, copied as they are: their rain layers are
+used pixel for pixel). Nothing is written for test sets. OUT is git-ignored (`.gpu_data/` in
+.gitignore); name it in the device tool's `carry` and point the config there, e.g.
+
+  cliprpn train configs/gpu_continue.toml   (its data paths already read .gpu_data/)
+
+Prints the size, which must stay under the transfer limit together with the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cliprpn_core.imageio import IMAGE_EXTS  # noqa: E402
+
+PAIR_SETS = ("heavy_train", "train_pairs_small")
+
+
+def images(folder: Path) -> list[Path]:
+    """Images in a folder and its sub-folders (how training reads clean_dirs)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(ROOT / ".gpu_data"))
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--limit-mb", type=float, default=48.0, help="fail if the pack is larger than this")
+    a = ap.parse_args(argv)
+    data, out = Path(a.data), Path(a.out)
+    if not (data / "clean").is_dir():
+        sys.exit(f"no clean photos under {data}: pass --data pointing at the shared data folder")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in images(data / "clean"):
+        dst = (tmp / "clean" / f.relative_to(data / "clean")).with_suffix(".jpg")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").save(dst, quality=a.quality)
+    for s in PAIR_SETS:
+        if (data / s).is_dir():
+            shutil.copytree(data / s, tmp / s)
+    mb = size_mb(tmp)
+    if mb > a.limit_mb:
+        shutil.rmtree(tmp)
+        sys.exit(f"the pack is {mb:.1f} MiB, over --limit-mb {a.limit_mb:g}: lower --quality")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # whole or not at all
+    print(f"{out}: {mb:.1f} MiB ({len(images(out / 'clean'))} clean photos, JPEG q{a.quality}; "
+          f"{', '.join(s for s in PAIR_SETS if (out / s).is_dir())})")
+
+
+if __name__ == "__main__":
+    main()
