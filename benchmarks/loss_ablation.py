@@ -2,7 +2,7 @@
 steps with each loss schedule and seed, evaluate every run on Rain100L by the protocol of method.md
 (benchmarks/evaluate.py: 8-bit PNG outputs, Y-PSNR / SSIM), and print the table.
 
-  python benchmarks/loss_ablation.py [--presets charbonnier mix dwa psnr_mix psnr_dwa] [--seeds 0 1]
+  python benchmarks/loss_ablation.py [--presets charbonnier mix dwa equal_mix uncertainty psnr_mix psnr_dwa] [--seeds 0 1]
                                      [--steps 600] [--jobs 2] [--out runs/loss_ablation]
 
 Runs are `cliprpn train configs/ablation.toml loss_preset=P seed=S steps=N threads=T out_dir=OUT/P_sS`,
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from cliprpn_core.checkpoint import read_metadata  # noqa: E402
 from cliprpn_core.losses import PRESETS  # noqa: E402
 
-DEFAULT_PRESETS = ("charbonnier", "mix", "dwa", "psnr_mix", "psnr_dwa")
+DEFAULT_PRESETS = ("charbonnier", "mix", "dwa", "equal_mix", "uncertainty", "psnr_mix", "psnr_dwa")
 
 
 def finished(model: Path, preset: str, seed: int, steps: int) -> bool:

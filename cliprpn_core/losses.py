@@ -277,6 +277,8 @@ PRESETS = {
     "dwa": {"type": "dwa", "weights": {"charbonnier": 1.0, "ssim": 0.2, "edge": 0.05, "fft": 0.01},
             "temperature": 2.0, "period": 50},
     "uncertainty": {"type": "uncertainty", "weights": {"charbonnier": 1.0, "ssim": 1.0, "edge": 1.0, "fft": 1.0}},
+    # uncertainty weighting's starting weights, held fixed: its fixed counterpart in the ablation
+    "equal_mix": {"type": "fixed", "weights": {"charbonnier": 1.0, "ssim": 1.0, "edge": 1.0, "fft": 1.0}},
     # the PSNR loss in place of Charbonnier; 0.005 gives it about 1.8x Charbonnier's gradient norm in the mix
     # (measured on the shipped model), so the mask and pattern terms keep their share
     "psnr": {"type": "fixed", "weights": {"psnr": 0.005}},

@@ -69,7 +69,8 @@ class LossScheduledFinetune(io.ComfyNode):
                 io.Combo.Input("schedule", options=list(ops.SCHEDULES), default="mix",
                                tooltip="Loss schedule: charbonnier only; mix (Charbonnier+SSIM+edge+FFT); "
                                        "curriculum (pixel then structure); dwa (dynamic weight averaging); "
-                                       "uncertainty (learned weights); psnr (the PSNR loss alone); psnr_mix / psnr_dwa "
+                                       "uncertainty (learned weights); equal_mix (uncertainty's starting weights, fixed); "
+                                       "psnr (the PSNR loss alone); psnr_mix / psnr_dwa "
                                        "(the mix with the PSNR loss in place of Charbonnier, fixed / dynamic)."),
                 io.Int.Input("patch_size", default=128, min=16, max=1024, step=8, advanced=True,
                              tooltip="Random crops of this size are trained on."),

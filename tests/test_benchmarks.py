@@ -1,8 +1,9 @@
 """The benchmark scripts' own logic (not their figures): which runs count as finished, and the table."""
 import importlib.util
 import json
+from pathlib import Path
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cliprpn_core import load_model
-from conftest import ROOT
 from cliprpn_core.train import TrainConfig, Trainer, lr_at
 
 TINY = {"widths": [8, 16], "enc_blocks": [1], "dec_blocks": [1], "middle_blocks": 1, "expert_blocks": 1,
@@ -109,7 +109,7 @@ def test_bad_options():
         TrainConfig.from_toml(None, ["loss_preset=magic"])
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     # every recorded recipe still loads with today's options (a renamed option would fail here, not mid-session)
     c = TrainConfig.from_toml(str(path), [])
