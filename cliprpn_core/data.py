@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .imageio import IMAGE_EXTS, list_images, load_rgb_uint8
+from .imageio import IMAGE_EXTS, images_under, list_images, load_rgb_uint8
 from .patterns import ATTRIBUTE_NAMES
 from .synthesis import STYLES, RainSample, synthesize
 
@@ -80,7 +80,7 @@ class SyntheticSource:
         files = []
         for f in [folders] if isinstance(folders, (str, Path)) else folders:
             f = Path(f)
-            files += sorted(p for p in f.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if f.is_dir() else list_images(f)
+            files += images_under(f) if f.is_dir() else list_images(f)
         self.images = [_to_tensor(a) for a in (load_rgb_uint8(p) for p in files) if min(a.shape[:2]) >= min_side]
         if not self.images:
             raise FileNotFoundError(f"no clean images of at least {min_side}px in {folders}")

@@ -16,6 +16,11 @@ class ImageReadError(ValueError):
     pass
 
 
+def images_under(folder) -> list[Path]:
+    """Sorted image files in a folder and all its sub-folders (empty list if there are none)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
 def list_images(inputs) -> list[Path]:
     """Files and folders (non-recursive) -> sorted image paths. Raises for an input that does not
     exist or a folder without images."""

@@ -22,14 +22,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cliprpn_core.imageio import IMAGE_EXTS  # noqa: E402
+from cliprpn_core.imageio import images_under  # noqa: E402
 
 PAIR_SETS = ("heavy_train", "train_pairs_small")
-
-
-def images(folder: Path) -> list[Path]:
-    """Images in a folder and its sub-folders (how training reads clean_dirs)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def size_mb(path: Path) -> float:
@@ -48,7 +43,7 @@ def main(argv=None):
         sys.exit(f"no clean photos under {data}: pass --data pointing at the shared data folder")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for f in images(data / "clean"):
+    for f in images_under(data / "clean"):  # as training reads clean_dirs
         dst = (tmp / "clean" / f.relative_to(data / "clean")).with_suffix(".jpg")
         dst.parent.mkdir(parents=True, exist_ok=True)
         Image.open(f).convert("RGB").save(dst, quality=a.quality)
@@ -61,7 +56,7 @@ def main(argv=None):
         sys.exit(f"the pack is {mb:.1f} MiB, over --limit-mb {a.limit_mb:g}: lower --quality")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # whole or not at all
-    print(f"{out}: {mb:.1f} MiB ({len(images(out / 'clean'))} clean photos, JPEG q{a.quality}; "
+    print(f"{out}: {mb:.1f} MiB ({len(images_under(out / 'clean'))} clean photos, JPEG q{a.quality}; "
           f"{', '.join(s for s in PAIR_SETS if (out / s).is_dir())})")
 
 
