@@ -3,10 +3,11 @@ steps with each loss schedule and seed, evaluate every run on Rain100L by the pr
 (benchmarks/evaluate.py: 8-bit PNG outputs, Y-PSNR / SSIM), and print the table.
 
   python benchmarks/loss_ablation.py [--presets charbonnier mix dwa equal_mix uncertainty psnr_mix psnr_dwa] [--seeds 0 1]
-                                     [--steps 600] [--jobs 2] [--out runs/loss_ablation]
+                                     [--steps 600] [--jobs 2] [--threads T] [--out runs/loss_ablation]
 
 Runs are `cliprpn train configs/ablation.toml loss_preset=P seed=S steps=N threads=T out_dir=OUT/P_sS`,
-`--jobs` of them at a time with the machine's cores split between them. A run whose model file already
+`--jobs` of them at a time with the machine's cores split between them (or `--threads` each, e.g. 1 when
+another job holds a core). A run whose model file already
 holds N trained steps of that preset and seed is not trained again, and an evaluation already written
 for that model file is read back, so an interrupted ablation continues where it stopped (an interrupted
 run resumes from its last checkpoint) and `--eval-only` just prints the table of what is there.
@@ -84,11 +85,13 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/loss_ablation")
     ap.add_argument("--data", default=None, help="folder holding rain100l/ (default: ../shared/data)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per run (default: the cores divided by --jobs)")
     ap.add_argument("--eval-only", action="store_true", help="print the table of the finished runs only")
     a = ap.parse_args(argv)
     if a.jobs < 1:
         ap.error("--jobs must be at least 1")
-    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
     jobs = [(p, s) for p in a.presets for s in a.seeds]

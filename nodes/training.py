@@ -71,7 +71,8 @@ class LossScheduledFinetune(io.ComfyNode):
                                        "curriculum (pixel then structure); dwa (dynamic weight averaging); "
                                        "uncertainty (learned weights); equal_mix (uncertainty's starting weights, fixed); "
                                        "psnr (the PSNR loss alone); psnr_mix / psnr_dwa "
-                                       "(the mix with the PSNR loss in place of Charbonnier, fixed / dynamic)."),
+                                       "(the mix with the PSNR loss in place of Charbonnier, fixed / dynamic); "
+                                       "psnr_equal / psnr_uncertainty (equal_mix / uncertainty with the PSNR loss)."),
                 io.Int.Input("patch_size", default=128, min=16, max=1024, step=8, advanced=True,
                              tooltip="Random crops of this size are trained on."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, advanced=True, tooltip="Crops per step."),

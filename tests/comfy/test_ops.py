@@ -247,7 +247,8 @@ def test_finetune_is_deterministic(ops, tiny):
     assert a.history == b.history
 
 
-@pytest.mark.parametrize("schedule", ["curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa"])
+@pytest.mark.parametrize("schedule", ["curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa",
+                                      "psnr_equal", "psnr_uncertainty"])
 def test_finetune_schedules_run(ops, tiny, schedule):
     rainy, clean = _pairs(ops, n=1, size=24)
     res = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-4, schedule=schedule, patch=16)

@@ -123,7 +123,8 @@ def test_object_info_lists_every_node(srv):
     # the shipped model is offered (found in the pack's own models/ folder) and is the default
     assert info["CLIPRPNLoader"]["input"]["required"]["checkpoint"][1]["options"][0] == "clip_rpn_default.safetensors"
     opts = info["CLIPRPNFinetune"]["input"]["required"]["schedule"][1]["options"]
-    assert opts == ["charbonnier", "mix", "curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa"]
+    assert opts == ["charbonnier", "mix", "curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa",
+                    "psnr_equal", "psnr_uncertainty"]
 
 
 @pytest.mark.parametrize("name", sorted(wg.GRAPHS))
