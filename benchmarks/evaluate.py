@@ -4,7 +4,9 @@ outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back fro
   python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
                                 [--top-k K] [--passes N] [--json out.json]
 
---experts also forces every image through each single expert (routing vs best single expert);
+--experts also forces every image through each single expert (routing vs best single expert) and reports the
+per-image oracle: the best expert for each image chosen by its ground truth (an upper bound for top-1 routing,
+not a method: it needs the clean image), how often each expert is that best one, and how often routing picked it;
 --self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option).
 """
 from __future__ import annotations
@@ -30,13 +32,13 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None):
-    routes = Counter()
+    chosen = {}
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
             r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k,
                                 passes=passes)
-            routes[EXPERTS[int(r.routing[0].argmax())]] += 1
+            chosen[f.stem] = EXPERTS[int(r.routing[0].argmax())]
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
         ev = evaluate_folders(out, Path(set_dir) / "gt", progress=False, rain_dir=Path(set_dir) / "rain")
@@ -44,11 +46,29 @@ def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=N
     per = {r["name"]: round(r["psnr"], 3) for r in ev["images"]}
     # rain_left: a diagnostic (metrics.rain_left), the share of the rain the outputs still carry
     return {"psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4), "rain_left": round(m["rain_left"], 3),
-            "routing": dict(routes), "seconds": round(secs, 1), "per_image_psnr": per}
+            "routing": dict(Counter(chosen.values())), "seconds": round(secs, 1), "per_image_psnr": per,
+            "per_image_expert": chosen}
+
+
+def oracle(res_set: dict) -> dict:
+    """Per-image best single expert from the forced runs of one set (its ``forced_<expert>`` entries):
+    mean PSNR of the per-image best (each per-image figure by the protocol), how often each expert is
+    the best, and on how many images the routed run chose that expert."""
+    forced = {k[len("forced_"):]: v["per_image_psnr"] for k, v in res_set.items() if k.startswith("forced_")}
+    if not forced:
+        raise ValueError("oracle needs the forced-expert runs (--experts)")
+    names = sorted(next(iter(forced.values())))
+    best = {n: max(forced, key=lambda e: forced[e][n]) for n in names}
+    out = {"psnr": round(sum(forced[best[n]][n] for n in names) / len(names), 3),
+           "best_expert": dict(Counter(best.values()))}
+    chosen = res_set.get("routed", {}).get("per_image_expert")
+    if chosen:
+        out["routed_chose_best"] = sum(chosen.get(Path(n).stem) == best[n] for n in names)
+    return out
 
 
 def _short(r):
-    return {k: v for k, v in r.items() if k != "per_image_psnr"}
+    return {k: v for k, v in r.items() if not k.startswith("per_image")}
 
 
 def main():
@@ -80,6 +100,9 @@ def main():
                 for e in range(d.model.config.num_experts):
                     res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e, passes=P)
                     print(f"{ck} {s} forced {EXPERTS[e]}: {_short(res[s][f'forced_{EXPERTS[e]}'])}", flush=True)
+                res[s]["oracle_expert"] = oracle(res[s])
+                print(f"{ck} {s} per-image best expert (oracle, chosen by ground truth): {res[s]['oracle_expert']}",
+                      flush=True)
         results[ck] = res
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,17 @@ def test_loss_ablation_finished_runs_and_table(tmp_path, tiny_model, capsys):
     # one seed unfinished: its cell and the means stay empty instead of averaging one seed
     assert "32.00 / 0.900 | – | – | – |" in rows["dwa"]
     assert "fixed: 1 charbonnier" in rows["charbonnier"] and "dwa: 1 charbonnier + 0.2 ssim" in rows["dwa"]
+
+
+def test_evaluate_oracle_expert():
+    ev = _load("evaluate")
+    res = {"routed": {"per_image_psnr": {"a.png": 30.0, "b.png": 20.0, "c.png": 25.0},
+                      "per_image_expert": {"a": "light_streaks", "b": "light_streaks", "c": "veil"}},
+           "forced_light_streaks": {"per_image_psnr": {"a.png": 30.0, "b.png": 20.0, "c.png": 24.0}},
+           "forced_heavy_streaks": {"per_image_psnr": {"a.png": 29.0, "b.png": 23.0, "c.png": 26.0}}}
+    o = ev.oracle(res)
+    assert o["psnr"] == round((30.0 + 23.0 + 26.0) / 3, 3)
+    assert o["best_expert"] == {"light_streaks": 1, "heavy_streaks": 2}
+    assert o["routed_chose_best"] == 1  # only a.png went to its best expert
+    with pytest.raises(ValueError, match="--experts"):
+        ev.oracle({"routed": res["routed"]})
