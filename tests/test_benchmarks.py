@@ -60,3 +60,16 @@ def test_evaluate_oracle_expert():
     assert o["routed_chose_best"] == 1  # only a.png went to its best expert
     with pytest.raises(ValueError, match="--experts"):
         ev.oracle({"routed": res["routed"]})
+
+
+def test_expert_probe_psnr_matches_the_protocol_metric():
+    import numpy as np
+    import torch
+    from cliprpn_core.metrics import psnr_y
+    ep = _load("expert_probe")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    got = ep.y_psnr_8bit(a, b)
+    u8 = lambda t: (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
+    want = [psnr_y(u8(a[i]), u8(b[i])) for i in range(2)]
+    assert np.allclose(got.numpy(), want, atol=1e-3)
