@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.data import RainLayerSource, _random_crops, rotate_center  # noqa: E402
+from cliprpn_core.arch import route  # noqa: E402
+from cliprpn_core.data import RainLayerSource, _random_crops, rotate_center, rotation_crop_size  # noqa: E402
 from cliprpn_core.metrics import psnr_y  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
@@ -37,15 +38,13 @@ def y_psnr_8bit(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.tensor([psnr_y(u8(p), u8(r)) for p, r in zip(pred, ref)])
 
 
-def probe_batches(source: RainLayerSource, kind: str, n: int, size: int, rotations, gains, seed: int):
-    """Yields (rotation, gain, rainy, clean): the same layer crops and backgrounds for every setting."""
-    keep = [i for i, h in enumerate(source.heavy) if h == (kind == "heavy")]
-    if not keep:
-        raise FileNotFoundError(f"no {kind} rain layers among the training pairs")
+def probe_batches(source: RainLayerSource, n: int, size: int, rotations, gains, seed: int):
+    """Yields (rotation, gain, rainy, clean): the same layer crops and backgrounds for every setting;
+    the layers are taken in turn from all of ``source``'s (build it with ``only`` = light or heavy)."""
     gen = torch.Generator().manual_seed(seed)
     clean = _random_crops(source.clean.images, n, size, gen, "cpu", scale_range=(0.5, 1.0))
-    layers = _random_crops(source.layers, n, int(size * 1.42) + 2, gen, "cpu",
-                           indices=[keep[i % len(keep)] for i in range(n)])
+    layers = _random_crops(source.layers, n, rotation_crop_size(size), gen, "cpu",
+                           indices=[i % len(source.layers) for i in range(n)])
     for rot in rotations:
         lay = rotate_center(layers, torch.full((n,), float(rot)), size)
         for g in gains:
@@ -71,17 +70,16 @@ def main():
         ap.error(f"--size must be a multiple of {model.config.pad_multiple} and --n a multiple of 4")
     d = Path(a.data)
     src = RainLayerSource([d / "heavy_train", d / "train_pairs_small"], [d / "clean"], min_side=a.size,
-                          max_rotation=0.0)
+                          only=a.layers, max_rotation=0.0)
     idx = [EXPERTS.index(e) for e in a.experts]
     print(f"{a.checkpoint}: {a.layers} training layers over clean crops, {a.n} images of {a.size} px per setting")
     print("| rotation | gain | input | " + " | ".join(a.experts) + " | best: " + " / ".join(a.experts) + " |")
     print("|---" * (3 + 2 * len(idx)) + "|")
     with torch.no_grad():
-        for rot, g, rainy, clean in probe_batches(src, a.layers, a.n, a.size, a.rotations, a.gains, a.seed):
+        for rot, g, rainy, clean in probe_batches(src, a.n, a.size, a.rotations, a.gains, a.seed):
             res = []
             for e in idx:
-                w = torch.zeros(a.n, model.config.num_experts)
-                w[:, e] = 1
+                w = route(torch.zeros(a.n, model.config.num_experts), override=e)  # every image to expert e
                 res.append(torch.cat([y_psnr_8bit(model.restore(rainy[i:i + 4], w[i:i + 4])[0], clean[i:i + 4])
                                       for i in range(0, a.n, 4)]))
             best = torch.stack(res).argmax(0)

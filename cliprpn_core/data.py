@@ -155,6 +155,12 @@ def orientation_class(layer: torch.Tensor, deg: float = 7.0) -> torch.Tensor:
     return torch.where(ang > deg, 2, torch.where(ang < -deg, 1, 0))
 
 
+def rotation_crop_size(size: int) -> int:
+    """Side of the crop that ``rotate_center`` turns by any angle and still cuts size x size from
+    without empty corners (size * sqrt(2), with a margin)."""
+    return int(math.ceil(size * 1.42)) + 1
+
+
 def rotate_center(x: torch.Tensor, degrees: torch.Tensor, size: int) -> torch.Tensor:
     """Rotate each image of x [B,C,S,S] about its centre by degrees[b] and cut the central size x size
     (S >= size * sqrt(2) leaves no empty corners)."""
@@ -214,7 +220,7 @@ class RainLayerSource:
         picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)
-        crop = int(math.ceil(size * 1.42)) + 1 if self.max_rotation > 0 else size
+        crop = rotation_crop_size(size) if self.max_rotation > 0 else size
         layer = _random_crops(self.layers, n, crop, gen, device, scale_range=(0.8, 1.2), indices=picks)
         if self.max_rotation > 0:
             layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
