@@ -2,12 +2,15 @@
 outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
 
   python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
-                                [--top-k K] [--passes N] [--json out.json]
+                                [--check [--check-ratio T]] [--top-k K] [--passes N] [--json out.json]
 
 --experts also forces every image through each single expert (routing vs best single expert) and reports the
 per-image oracle: the best expert for each image chosen by its ground truth (an upper bound for top-1 routing,
 not a method: it needs the clean image), how often each expert is that best one, and how often routing picked it;
---self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option).
+--self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option);
+--check also runs it with the expert check (the two best-ranked experts, the runner-up kept where the model's
+mask estimator finds clearly less rain in its output; the Derain node's expert_check option); both together
+also run the two combined.
 """
 from __future__ import annotations
 
@@ -24,20 +27,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cliprpn_core.checkpoint import load_model  # noqa: E402
 from cliprpn_core.imageio import list_images, read_image, save_image  # noqa: E402
-from cliprpn_core.inference import Derainer  # noqa: E402
+from cliprpn_core.inference import CHECK_RATIO, Derainer  # noqa: E402
 from cliprpn_core.metrics import evaluate_folders  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None):
+def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None, check=False,
+        check_ratio=CHECK_RATIO):
     chosen = {}
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
             r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k,
-                                passes=passes)
+                                passes=passes, check=check, check_ratio=check_ratio)
             chosen[f.stem] = EXPERTS[int(r.routing[0].argmax())]
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
@@ -80,6 +84,8 @@ def main():
     ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 runs per image)")
     ap.add_argument("--top-k", type=int, default=1, help="experts per image for the routed runs")
     ap.add_argument("--passes", type=int, default=0, help="restoration passes (0: each model's own setting)")
+    ap.add_argument("--check", action="store_true", help="also: routed with the expert check")
+    ap.add_argument("--check-ratio", type=float, default=CHECK_RATIO, help="the expert check's residual-rain ratio")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -96,6 +102,16 @@ def main():
             if a.self_ensemble:
                 res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k, passes=P)
                 print(f"{ck} {s} routed + self-ensemble: {_short(res[s]['routed_self_ensemble'])}", flush=True)
+            if a.check:
+                res[s]["routed_check"] = run(d, Path(a.data) / s, top_k=a.top_k, passes=P, check=True,
+                                             check_ratio=a.check_ratio)
+                print(f"{ck} {s} routed + expert check (ratio {a.check_ratio:g}): {_short(res[s]['routed_check'])}",
+                      flush=True)
+                if a.self_ensemble:
+                    res[s]["routed_check_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k,
+                                                               passes=P, check=True, check_ratio=a.check_ratio)
+                    print(f"{ck} {s} routed + expert check + self-ensemble: "
+                          f"{_short(res[s]['routed_check_self_ensemble'])}", flush=True)
             if a.experts:
                 for e in range(d.model.config.num_experts):
                     res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e, passes=P)

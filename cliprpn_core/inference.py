@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .arch import CLIPRPN, pattern_probs, route
 from .config import check_passes
-from .patterns import PATTERN_DIM
+from .patterns import EXPERTS, PATTERN_DIM
 
 MIN_SIDE = 8
 AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
@@ -165,6 +165,46 @@ def count_tiles(h, w, tile, overlap, multiple) -> int:
     return len(tile_grid(hp, wp, tile, overlap, multiple)[2])
 
 
+# Expert check: the runner-up expert replaces the router's first choice when its output carries less than
+# CHECK_RATIO times the rain the mask estimator still finds in the first one's output. Only the streak experts
+# are compared: the mask estimator sees streaks, not a veil, and on training data switching away from the veil
+# expert cost 1.7 dB on veil images. The ratio is the best on training data only (real training pairs, their rain
+# layers over clean photos, synthetic rain): `python benchmarks/routing_check.py` (models/MODEL_CARD.md).
+CHECK_RATIO = 0.4
+CHECK_EXPERTS = (EXPERTS.index("light_streaks"), EXPERTS.index("heavy_streaks"))
+
+
+def check_candidates(routing: torch.Tensor, ranking: torch.Tensor | None = None, k: int = 2,
+                     among: tuple[int, ...] | None = CHECK_EXPERTS) -> list[list[int]]:
+    """Per image, the experts an expert check compares, best first: the top ``k`` of ``ranking`` [B,E]
+    (router logits) when given, else the experts with nonzero ``routing`` weight by weight (a top-1
+    routing without a ranking leaves one candidate: nothing to check). When they are not all in ``among``
+    (None: any expert) only the first is kept: that image is not checked."""
+    if ranking is not None:
+        ranking = torch.as_tensor(ranking, dtype=torch.float32)
+        if ranking.shape != routing.shape:
+            raise ValueError(f"ranking has shape {tuple(ranking.shape)}, expected {tuple(routing.shape)}")
+        out = [r.argsort(descending=True, stable=True)[:k].tolist() for r in ranking]
+    else:
+        out = []
+        for r in routing:
+            order = r.argsort(descending=True, stable=True)
+            out.append([int(e) for e in order[:k] if r[e] > 0])
+    if among is not None:
+        out = [c if all(e in among for e in c) else c[:1] for c in out]
+    return out
+
+
+def check_choice(residuals: list[float], ratio: float = CHECK_RATIO) -> int:
+    """Index of the candidate an expert check keeps: the first (the router's choice) unless a later
+    one leaves less than ``ratio`` times the rain of the one kept so far."""
+    best = 0
+    for j in range(1, len(residuals)):
+        if residuals[j] < ratio * residuals[best]:
+            best = j
+    return best
+
+
 class Derainer:
     """Model + optional CLIP perceiver on a device/dtype. Thread-compatible, stateless per call."""
 
@@ -216,25 +256,40 @@ class Derainer:
     @torch.inference_mode()
     def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
                override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False,
-               passes=None) -> DerainResult:
+               passes=None, check=False, check_ratio=CHECK_RATIO, ranking=None) -> DerainResult:
         """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
         outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
         [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention.
         ``self_ensemble``: average the restorations of the image and its horizontal, vertical and
         double flips (4 runs; flips keep streaks streak-like, 90° turns would not). ``passes``:
         restoration passes (default: the model's ``config.passes``; each pass restores the previous
-        output with the same routing; the mask is the first pass's)."""
+        output with the same routing; the mask is the first pass's).
+
+        ``check`` (expert check): each image is restored by its two best-ranked experts and keeps the
+        runner-up only when the model's own mask estimator finds less than ``check_ratio`` times the rain
+        in its output that it finds in the first one's (see :func:`check_choice`); the image goes through
+        one expert (top-1), about three times the work of a plain run. Only the streak experts are compared
+        (CHECK_EXPERTS: an image whose two best are not both streak experts is not checked). The ranking is
+        ``ranking`` [B,E]
+        (router logits, e.g. from an Expert Router node), else the nonzero weights of a given ``routing``,
+        else the router's logits on the perceived pattern. A manual ``override`` is never checked."""
         t0 = time.perf_counter()
         if passes is not None:
             passes = check_passes(passes)  # before any work is done
         rgb, alpha, c, h, w = self._prep(images)
         b = rgb.shape[0]
         source = "given"
-        if override is not None:  # a manual expert choice wins over any routing
+        if check and not 0 < check_ratio:
+            raise ValueError(f"check_ratio must be > 0, got {check_ratio}")
+        if override is not None:  # a manual expert choice wins over any routing (and is not checked)
             routing = route(torch.zeros(b, self.model.config.num_experts), override=override)
+            check = False
         elif routing is None:
             if pattern is None:
                 pattern, source = self.perceive(rgb[..., :h, :w])
+            if check and ranking is None:
+                with torch.inference_mode():
+                    ranking = self.model.router.logits(pattern.to(self.device)).float().cpu()
             routing = self.route(pattern, top_k, temperature)
         routing = torch.as_tensor(routing, dtype=torch.float32)
         if routing.shape != (b, self.model.config.num_experts):
@@ -257,33 +312,61 @@ class Derainer:
             mask = _pad_to(mask.clamp(0, 1), self.multiple)
         tile = self._auto_tile(tile, h, w)
         flips = ENSEMBLE_FLIPS if self_ensemble else ((),)
-        total = count_tiles(h, w, tile, overlap, self.multiple) * b * len(flips)
+        cands = check_candidates(routing, ranking) if check else [[int(r.argmax())] for r in routing]
+        n_tiles = count_tiles(h, w, tile, overlap, self.multiple)
+        # a checked image: two restorations and two residual-mask runs, then the other flips
+        total = n_tiles * sum(len(flips) + 3 * (len(cs) - 1) for cs in cands) if check else n_tiles * b * len(flips)
         done = [0]
 
         def step(i, n):
             if progress:
                 progress(done[0] + i, total)
 
+        def restore_flip(inp, r, dims):
+            fn = lambda t: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, passes)  # noqa: E731
+            # flip the unpadded image so that padding stays at the bottom/right
+            src = inp if not dims else _pad_to(inp[..., :h, :w].flip(dims), self.multiple)
+            oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step)
+            done[0] += n_tiles
+            return oi[..., :h, :w].clamp(0, 1).cpu().flip(dims), mi_[..., :h, :w].cpu().flip(dims)
+
         outs, masks = [], []
+        routing = routing.clone()
         for i in range(b):
-            r = routing[i:i + 1].to(self.device)
             xi = rgb[i:i + 1]
             mi = mask[i:i + 1] if mask is not None else None
-
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
-            fn = lambda t, r=r: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, passes)  # noqa: E731
+            first = {}  # identity-flip restoration of a checked candidate, reused below
+            if check:  # one expert per image: the first candidate, or the runner-up the check keeps
+                chosen = cands[i][0]
+                if len(cands[i]) > 1:
+                    residual = []
+                    for e in cands[i]:
+                        one = route(torch.zeros(1, routing.shape[1]), override=e).to(self.device)
+                        first[e] = restore_flip(inp, one, ())
+                        residual.append(float(self._residual_rain(first[e][0], tile, overlap, step)))
+                        done[0] += n_tiles
+                    chosen = cands[i][check_choice(residual, check_ratio)]
+                    first = {(): first[chosen]}
+                routing[i] = route(torch.zeros(1, routing.shape[1]), override=chosen)[0]
+            r = routing[i:i + 1].to(self.device)
             o = m = 0
             for dims in flips:  # flip(()) is the identity
-                # flip the unpadded image so that padding stays at the bottom/right
-                src = inp if not dims else _pad_to(inp[..., :h, :w].flip(dims), self.multiple)
-                oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step)
-                o = o + oi[..., :h, :w].clamp(0, 1).cpu().flip(dims) / len(flips)
-                m = m + mi_[..., :h, :w].cpu().flip(dims) / len(flips)
-                done[0] += count_tiles(h, w, tile, overlap, self.multiple)
+                oi, mi_ = first.get(dims) or restore_flip(inp, r, dims)
+                o = o + oi / len(flips)
+                m = m + mi_ / len(flips)
             outs.append(o)
             masks.append(m)
         out = merge_channels(torch.cat(outs), alpha, c)
         return DerainResult(out, torch.cat(masks), pattern, routing, source, time.perf_counter() - t0)
+
+    def _residual_rain(self, img, tile, overlap, progress=None) -> torch.Tensor:
+        """Mean of the model's own rain mask over a restored image [1,3,h,w] (0..1): the rain it still sees."""
+        h, w = img.shape[-2:]
+        fn = lambda t: (torch.sigmoid(self.model.estimate_mask(  # noqa: E731
+            t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)).float()),)
+        (m,) = run_tiled(fn, _pad_to(img, self.multiple), tile, overlap, self.multiple, (1,), progress)
+        return m[..., :h, :w].mean()
 
     def _restore(self, t, r, m, passes=None):
         t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)

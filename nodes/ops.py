@@ -83,10 +83,12 @@ class RainPattern:
 
 @dataclass
 class RainRouting:
-    """RAIN_ROUTING: per-image expert weights [B, E] (CPU)."""
+    """RAIN_ROUTING: per-image expert weights [B, E] (CPU); ``ranking`` [B, E]: the router's logits (None
+    for a manual override), which the Derain node's expert check compares its two best experts by."""
     weights: torch.Tensor
     experts: tuple[str, ...]
     note: str = ""
+    ranking: torch.Tensor | None = None
 
     def summary(self) -> str:
         lines = []

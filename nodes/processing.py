@@ -11,6 +11,9 @@ from . import ops
 from ._types import CATEGORY, CLIPRPNModel, RainPattern, RainRouting
 
 PERCEIVE_CHUNK = 16
+EXPERT_CHECK_TIP = ("Restore each image with its two best-ranked experts and keep the second only where the model "
+                    "finds clearly less rain left in its result (the image still goes through one expert). "
+                    "About three times slower; a manual expert override is never checked.")
 
 
 def derainer(handle: ops.ModelHandle, pixels: int = 0) -> Derainer:
@@ -53,8 +56,9 @@ def route(handle: ops.ModelHandle, pattern: ops.RainPattern, top_k: int, tempera
     with torch.inference_mode():
         dev = next(router.parameters()).device
         w = router(pattern.probs.to(dev), int(top_k), float(temperature), idx).float().cpu()
+        ranking = None if idx is not None else router.logits(pattern.probs.to(dev)).float().cpu()
     note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
-    return ops.RainRouting(w, handle.experts, note)
+    return ops.RainRouting(w, handle.experts, note, ranking)
 
 
 def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tensor:
@@ -77,14 +81,16 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
 
 
 def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP,
-           self_ensemble=False, passes=0):
+           self_ensemble=False, passes=0, expert_check=False):
     x = ops.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
-    weights = None
+    weights = ranking = None
     if routing is not None:
         if not isinstance(routing, ops.RainRouting):
             raise TypeError("routing must come from an Expert Router node")
-        weights = routing.weights
+        weights, ranking = routing.weights, routing.ranking
+        if ranking is not None and ranking.shape[0] == 1 and x.shape[0] > 1:
+            ranking = ranking.expand(x.shape[0], -1)
     m = ops.mask_to_b1hw(mask)
 
     def run(t):
@@ -96,7 +102,7 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
             bar[0](i, n)
         return d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
                         tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble),
-                        passes=int(passes) or None)
+                        passes=int(passes) or None, check=bool(expert_check), ranking=ranking)
 
     return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
 
@@ -208,6 +214,8 @@ class CrossAttentionDerain(io.ComfyNode):
                              tooltip="Restoration passes: each pass restores the previous result again "
                                      "(0 = the checkpoint's own setting). More passes remove more rain, "
                                      "and take that many times longer."),
+                io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
+                                 tooltip=EXPERT_CHECK_TIP),
             ],
             outputs=[
                 io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
@@ -217,8 +225,9 @@ class CrossAttentionDerain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
-                overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0) -> io.NodeOutput:
-        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble, passes)
+                overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False) -> io.NodeOutput:
+        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble, passes,
+                   expert_check)
         return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 

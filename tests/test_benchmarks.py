@@ -73,3 +73,33 @@ def test_expert_probe_psnr_matches_the_protocol_metric():
     u8 = lambda t: (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
     want = [psnr_y(u8(a[i]), u8(b[i])) for i in range(2)]
     assert np.allclose(got.numpy(), want, atol=1e-3)
+
+
+def test_routing_check_measures_what_the_check_decides(tiny_model):
+    import numpy as np
+    import torch
+    from cliprpn_core import Derainer
+    from cliprpn_core.inference import check_choice
+    rc = _load("routing_check")
+    d = Derainer(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    x, clean = torch.rand(3, 32, 48, generator=g), torch.rand(3, 32, 48, generator=g)
+    row = rc.measure(d, x, rc._u8(clean))
+    assert len(row["experts"]) == 2 and len(set(row["experts"])) == 2
+    for bias in ([6.0, 6.0, -6.0, -6.0], [-6.0, 6.0, 7.0, -6.0]):  # streak experts first (checked), or not
+        with torch.no_grad():
+            d.model.router.linear.bias.copy_(torch.tensor(bias))
+        row = rc.measure(d, x, rc._u8(clean))
+        assert row["checked"] == (bias[0] > 0) and len(row["residual"]) == 2
+        for t in (1e-9, 0.5, 1.0, 1e9):
+            want = row["experts"][rc.decide(row, t)]
+            assert int(d.derain(x, check=True, check_ratio=t).routing[0].argmax()) == want
+    assert rc.decide(row, 1e9) == 0 and rc.decide(row, 1e9, every_pair=True) == check_choice(row["residual"], 1e9)
+    row["checked"] = True
+    rows = [row, {"experts": [0, 1], "checked": True, "residual": [0.02, 0.009], "psnr": [30.0, 33.0]},
+            {"experts": [0, 1], "checked": True, "residual": [0.02, 0.016], "psnr": [35.0, 31.0]}]
+    s = rc.summarize(rows)
+    assert s["n"] == 3 and s["best"] >= max(s[t] for t in rc.RATIOS)
+    switched = [s[f"switched@{t}"] for t in rc.RATIOS]
+    assert switched == sorted(switched)  # a larger ratio never switches fewer images
+    assert np.isclose(s[0.5], np.mean([row["psnr"][check_choice(row["residual"], 0.5)], 33.0, 35.0]))

@@ -148,3 +148,77 @@ def test_passes_option_and_model_setting(tiny_model):
     torch.testing.assert_close(a.masks, d1.derain(x).masks)  # the first pass's mask
     with pytest.raises(ValueError, match="passes must be 1..8"):
         d1.derain(x, passes=9)
+
+
+# -- expert check -----------------------------------------------------------------------------
+
+def test_check_choice_keeps_the_first_unless_clearly_less_rain():
+    from cliprpn_core.inference import check_choice
+    assert check_choice([0.02, 0.015], 0.6) == 0  # 0.75 of the first's rain: not enough
+    assert check_choice([0.02, 0.011], 0.6) == 1  # 0.55: the runner-up
+    assert check_choice([0.0, 0.0], 0.6) == 0
+    assert check_choice([0.02], 0.6) == 0
+    assert check_choice([0.02, 0.011, 0.006], 0.6) == 2  # each later one against the one kept so far
+
+
+def test_check_candidates_from_ranking_or_weights():
+    from cliprpn_core.inference import check_candidates
+    routing = torch.tensor([[1.0, 0, 0, 0], [0, 0.3, 0.7, 0], [0.4, 0.6, 0, 0]])
+    assert check_candidates(routing, among=None) == [[0], [2, 1], [1, 0]]  # top-1 alone: nothing to compare
+    assert check_candidates(routing) == [[0], [2], [1, 0]]  # only the streak experts are compared
+    ranking = torch.tensor([[3.0, 2.5, -1, 0], [0, 1, 2, 3], [1, 1, 0, 0]])
+    assert check_candidates(routing, ranking, among=None) == [[0, 1], [3, 2], [0, 1]]
+    assert check_candidates(routing, ranking) == [[0, 1], [3], [0, 1]]
+    with pytest.raises(ValueError, match="ranking has shape"):
+        check_candidates(routing, ranking[:2])
+
+
+def test_check_output_is_the_chosen_single_expert(derainer, monkeypatch):
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 40, 56)
+    ranking = torch.tensor([[2.0, 1.0, 0, 0], [1.0, 2.0, 0, 0]])
+    seen = []
+    real = derainer._residual_rain
+    monkeypatch.setattr(derainer, "_residual_rain", lambda img, *a: seen.append(real(img, *a)) or seen[-1])
+    never = derainer.derain(x, ranking=ranking, routing=torch.zeros(2, 4), check=True, check_ratio=1e-9)
+    assert len(seen) == 4 and all(float(s) > 0 for s in seen)  # two candidates per image were measured
+    always = derainer.derain(x, ranking=ranking, routing=torch.zeros(2, 4), check=True, check_ratio=1e9)
+    assert never.routing.argmax(1).tolist() == [0, 1] and always.routing.argmax(1).tolist() == [1, 0]
+    unchecked = derainer.derain(x, ranking=torch.tensor([[0, 0, 2.0, 1.0]] * 2), routing=torch.zeros(2, 4),
+                                check=True, check_ratio=1e9)
+    assert len(seen) == 8 and unchecked.routing.argmax(1).tolist() == [2, 2]  # veil/drops: not checked
+    for r, experts in ((never, [0, 1]), (always, [1, 0])):
+        assert torch.equal(r.routing, torch.nn.functional.one_hot(torch.tensor(experts), 4).float())
+        for i, e in enumerate(experts):
+            single = derainer.derain(x[i:i + 1], override=e)
+            assert torch.allclose(r.images[i:i + 1], single.images, atol=1e-6)
+            assert torch.allclose(r.masks[i:i + 1], single.masks, atol=1e-6)
+
+
+def test_check_follows_the_router_and_respects_override(derainer):
+    torch.manual_seed(4)
+    with torch.no_grad():  # the two streak experts ranked first, either way round
+        derainer.model.router.linear.bias.copy_(torch.tensor([6.0, 6.0, -6.0, -6.0]))
+    x = torch.rand(1, 3, 32, 32)
+    probs, _ = derainer.perceive(x)
+    logits = derainer.model.router.logits(probs)
+    top2 = logits[0].argsort(descending=True)[:2].tolist()
+    assert derainer.derain(x, check=True, check_ratio=1e-9).routing.argmax(1).item() == top2[0]
+    assert derainer.derain(x, check=True, check_ratio=1e9).routing.argmax(1).item() == top2[1]
+    manual = derainer.derain(x, override=2, check=True, check_ratio=1e9)  # a manual choice is not checked
+    assert manual.routing.argmax(1).item() == 2
+    with pytest.raises(ValueError, match="check_ratio"):
+        derainer.derain(x, check=True, check_ratio=0)
+
+
+def test_check_with_self_ensemble_tiles_and_progress(derainer):
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 96, 112)
+    calls = []
+    r = derainer.derain(x, check=True, check_ratio=1e9, self_ensemble=True, tile=64, overlap=16,
+                        progress=lambda i, n: calls.append((i, n)))
+    e = int(r.routing.argmax())
+    ref = derainer.derain(x, override=e, self_ensemble=True, tile=64, overlap=16)
+    assert torch.allclose(r.images, ref.images, atol=1e-6)
+    total = calls[-1][1]
+    assert all(n == total for _, n in calls) and calls[-1][0] == total  # one bar, ends full

@@ -110,7 +110,8 @@ def test_object_info_lists_every_node(srv):
                                             "overlap": "INT"}, {}, ["MASK"], ["mask"])
     assert sig("CLIPRPNCrossAttentionDerain") == (
         {"model": "CLIPRPN_MODEL", "image": "IMAGE", "top_k": "INT", "temperature": "FLOAT", "tile": "INT",
-         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN", "passes": "INT"},
+         "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN", "passes": "INT",
+                            "expert_check": "BOOLEAN"},
         ["IMAGE", "MASK"],
         ["image", "rain_mask"])
     assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {}, ["IMAGE"], ["image"])
@@ -201,6 +202,12 @@ def test_loader_runs_once_for_many_consumers(srv):
         "12": {"class_type": "CLIPRPNCrossAttentionDerain",
                "inputs": {"model": ["2", 0], "image": ["1", 0], "top_k": 1, "temperature": 1.0, "tile": 0,
                           "overlap": 8, "self_ensemble": True, "passes": 2}},
+        "14": {"class_type": "CLIPRPNExpertRouter", "inputs": {"model": ["2", 0], "pattern": ["3", 0], "top_k": 1,
+                                                               "temperature": 1.0, "expert_override": "auto (router decides)"}},
+        "15": {"class_type": "CLIPRPNCrossAttentionDerain",
+               "inputs": {"model": ["2", 0], "image": ["1", 0], "routing": ["14", 0], "top_k": 1, "temperature": 1.0,
+                          "tile": 0, "overlap": 8, "expert_check": True}},
+        "16": {"class_type": "PreviewImage", "inputs": {"images": ["15", 0]}},
         "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
     }
     n0 = srv.log().count("CLIP-RPN: loaded")
@@ -232,6 +239,7 @@ def test_loader_runs_once_for_many_consumers(srv):
     e = load_png(srv.view(hist["outputs"]["13"]["images"][0]))  # flip self-ensemble: same size, not the plain result
     assert a.shape == b.shape == e.shape == (64, 64, 3)
     assert (e.astype(int) - b.astype(int)).any()
+    assert load_png(srv.view(hist["outputs"]["16"]["images"][0])).shape == (64, 64, 3)  # expert check ran
     # a second prompt with the same loader settings reuses the loaded model
     prompt["1"]["inputs"]["image"] = "small2.png"
     hist = srv.run(prompt)

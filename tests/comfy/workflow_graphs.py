@@ -36,7 +36,7 @@ GRAPHS = {
         (7, "MaskToImage", 2, 2, None, {}, {"mask": (6, 0)}),
         (8, "PreviewImage", 3, 2, "Rain mask", {}, {"images": (7, 0)}),
         (9, "CLIPRPNCrossAttentionDerain", 3, 0, None, {"top_k": 1, "temperature": 1.0, "tile": 0, "overlap": 64,
-                                                        "self_ensemble": False, "passes": 0},
+                                                        "self_ensemble": False, "passes": 0, "expert_check": False},
          {"model": (2, 0), "image": (1, 0), "routing": (5, 0), "mask": (6, 0)}),
         (10, "PreviewImage", 4, 0, "Derained", {}, {"images": (9, 0)}),
         (11, "SaveImage", 4, 1, None, {"filename_prefix": "clip_rpn/full_graph"}, {"images": (9, 0)}),
