@@ -243,13 +243,15 @@ class CLIPRPNDerain(io.ComfyNode):
             inputs=[
                 CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
                 io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
+                io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
+                                 tooltip=EXPERT_CHECK_TIP),
             ],
             outputs=[io.Image.Output("image", tooltip="Derained images.")],
         )
 
     @classmethod
-    def execute(cls, model, image) -> io.NodeOutput:
-        r = derain(model, image)
+    def execute(cls, model, image, expert_check=False) -> io.NodeOutput:
+        r = derain(model, image, expert_check=expert_check)
         return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)))
 
 

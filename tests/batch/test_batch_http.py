@@ -212,6 +212,12 @@ def test_cli_in_process_with_tiny_model(tmp_path, images, tiny_ckpt, capsys):
     rc = B.main([str(images[0].parent), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
                  "--device", "cpu"])
     assert rc == 2 and f"{len(images)} skipped" in capsys.readouterr().err
+    out2 = tmp_path / "checked"
+    rc = B.main([str(images[0]), "-o", str(out2), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
+                 "--device", "cpu", "--check"])
+    doc = json.loads((out2 / "batch_report.json").read_text())
+    assert rc == 0 and doc["expert_check"] is True
+    assert len(doc["images"][0]["routing"]) == 1  # the checked image went through one expert
 
 
 def test_add_batch_parser_registers_the_subcommand():

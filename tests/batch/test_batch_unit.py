@@ -415,3 +415,15 @@ def test_pattern_taps_and_their_parsing():
     assert B.parse_pattern_text(text) == ("density: dense (0.81) | form: thin streaks (0.90)", "pattern-head")
     assert B.parse_routing_text("image 1: light_streaks=0.75, veil=0.25") == {"light_streaks": 0.75, "veil": 0.25}
     assert B.parse_routing_text("nothing") is None
+
+
+def test_set_expert_check_in_every_derain_node():
+    basic, _ = B.load_workflow(None)
+    on = B.set_expert_check(basic)
+    assert on["3"]["inputs"]["expert_check"] is True and basic["3"]["inputs"]["expert_check"] is False  # a copy
+    full, _ = B.load_workflow("full_graph")
+    on = B.set_expert_check(full)
+    hits = [n for n in on.values() if n["class_type"] in B.DERAIN_NODES]
+    assert hits and all(n["inputs"]["expert_check"] is True for n in hits)
+    with pytest.raises(B.WorkflowError, match="needs a CLIP-RPN Derain"):
+        B.set_expert_check({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}})

@@ -114,7 +114,8 @@ def test_object_info_lists_every_node(srv):
                             "expert_check": "BOOLEAN"},
         ["IMAGE", "MASK"],
         ["image", "rain_mask"])
-    assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {}, ["IMAGE"], ["image"])
+    assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {"expert_check": "BOOLEAN"},
+                                    ["IMAGE"], ["image"])
     assert sig("CLIPRPNSynthesizeRain") == ({"image": "IMAGE", "seed": "INT", "regime": "COMBO"}, {},
                                             ["IMAGE", "MASK"], ["rainy", "rain_mask"])
     assert sig("CLIPRPNFinetune") == (
