@@ -3,7 +3,7 @@
   python benchmarks/speed.py [--checkpoint CKPT] [--threads 2]
 
 Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration;
-median of 3 after a warm-up), peak RSS of a separate process deraining an 8-MP image with tiling,
+median of 3 after a warm-up; also with the expert check where it runs: both streak experts compared), peak RSS of a separate process deraining an 8-MP image with tiling,
 parameters and FLOPs per pixel of the model and of each expert.
 """
 from __future__ import annotations
@@ -23,6 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cliprpn_core import Derainer, default_model_path, load_model  # noqa: E402
+
+
+# derain() arguments of an image the expert check compares two experts for
+CHECKED = {"check": True, "routing": torch.zeros(1, 4), "ranking": torch.tensor([[2.0, 1.0, 0.0, 0.0]])}
 
 
 def flops_of(fn) -> int:
@@ -69,6 +73,13 @@ def main():
         d.derain(x)
         times.append(time.perf_counter() - t)
     res["seconds_per_megapixel_1MP"] = round(statistics.median(times) / (1024 * 1024 / 1e6), 3)
+    # the expert check where it runs (both streak experts ranked first): two restorations, two residual masks
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        d.derain(x, **CHECKED)
+        times.append(time.perf_counter() - t)
+    res["seconds_per_megapixel_1MP_expert_check"] = round(statistics.median(times) / (1024 * 1024 / 1e6), 3)
 
     n = sum(p.numel() for p in model.parameters())
     res["parameters"] = n
@@ -119,6 +130,14 @@ def cuda_figures(model):
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             row[f"ms_per_MP_{name}"] = round(1000 * statistics.median(times) / (inp[0].numel() / 3 * inp.shape[0] / 1e6), 1)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            d.derain(x, **CHECKED)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        row["ms_per_MP_1MP_expert_check"] = round(1000 * statistics.median(times) / (x[0].numel() / 3 / 1e6), 1)
         if ref is None:
             ref = y.float()
         else:
