@@ -270,9 +270,9 @@ class Derainer:
         in its output that it finds in the first one's (see :func:`check_choice`); the image goes through
         one expert (top-1), about three times the work of a plain run. Only the streak experts are compared
         (CHECK_EXPERTS: an image whose two best are not both streak experts is not checked). The ranking is
-        ``ranking`` [B,E]
-        (router logits, e.g. from an Expert Router node), else the nonzero weights of a given ``routing``,
-        else the router's logits on the perceived pattern. A manual ``override`` is never checked."""
+        ``ranking`` [B,E] (router logits, e.g. from an Expert Router node), else the nonzero weights of a
+        given ``routing``, else the router's logits on the perceived pattern. A manual ``override`` is never
+        checked."""
         t0 = time.perf_counter()
         if passes is not None:
             passes = check_passes(passes)  # before any work is done
@@ -288,8 +288,7 @@ class Derainer:
             if pattern is None:
                 pattern, source = self.perceive(rgb[..., :h, :w])
             if check and ranking is None:
-                with torch.inference_mode():
-                    ranking = self.model.router.logits(pattern.to(self.device)).float().cpu()
+                ranking = self.model.router.logits(pattern.to(self.device)).float().cpu()
             routing = self.route(pattern, top_k, temperature)
         routing = torch.as_tensor(routing, dtype=torch.float32)
         if routing.shape != (b, self.model.config.num_experts):
@@ -298,6 +297,10 @@ class Derainer:
             else:
                 raise ValueError(f"routing has shape {tuple(routing.shape)}, expected ({b}, {self.model.config.num_experts})"
                                  " (one row per image)")
+        if ranking is not None:
+            ranking = torch.as_tensor(ranking, dtype=torch.float32)
+            if ranking.dim() == 2 and ranking.shape[0] == 1 and b > 1:
+                ranking = ranking.expand(b, -1)  # one row for the whole batch, as routing
         if pattern is None:
             pattern = torch.full((b, PATTERN_DIM), float("nan"))  # not perceived
         if mask is not None:

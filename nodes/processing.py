@@ -11,9 +11,9 @@ from . import ops
 from ._types import CATEGORY, CLIPRPNModel, RainPattern, RainRouting
 
 PERCEIVE_CHUNK = 16
-EXPERT_CHECK_TIP = ("Restore each image with its two best-ranked experts and keep the second only where the model "
-                    "finds clearly less rain left in its result (the image still goes through one expert). "
-                    "About three times slower; a manual expert override is never checked.")
+EXPERT_CHECK_TIP = ("Where the two best-ranked experts are the two streak experts, restore with both and keep the "
+                    "second only where the model finds clearly less rain left in its result (the image still goes "
+                    "through one expert). About three times slower; a manual expert override is never checked.")
 
 
 def derainer(handle: ops.ModelHandle, pixels: int = 0) -> Derainer:
@@ -89,8 +89,6 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
         if not isinstance(routing, ops.RainRouting):
             raise TypeError("routing must come from an Expert Router node")
         weights, ranking = routing.weights, routing.ranking
-        if ranking is not None and ranking.shape[0] == 1 and x.shape[0] > 1:
-            ranking = ranking.expand(x.shape[0], -1)
     m = ops.mask_to_b1hw(mask)
 
     def run(t):

@@ -184,9 +184,11 @@ def test_check_output_is_the_chosen_single_expert(derainer, monkeypatch):
     assert len(seen) == 4 and all(float(s) > 0 for s in seen)  # two candidates per image were measured
     always = derainer.derain(x, ranking=ranking, routing=torch.zeros(2, 4), check=True, check_ratio=1e9)
     assert never.routing.argmax(1).tolist() == [0, 1] and always.routing.argmax(1).tolist() == [1, 0]
+    one_row = derainer.derain(x, ranking=ranking[:1], routing=torch.zeros(1, 4), check=True, check_ratio=1e9)
+    assert one_row.routing.argmax(1).tolist() == [1, 1]  # one ranking row serves the whole batch
     unchecked = derainer.derain(x, ranking=torch.tensor([[0, 0, 2.0, 1.0]] * 2), routing=torch.zeros(2, 4),
                                 check=True, check_ratio=1e9)
-    assert len(seen) == 8 and unchecked.routing.argmax(1).tolist() == [2, 2]  # veil/drops: not checked
+    assert len(seen) == 12 and unchecked.routing.argmax(1).tolist() == [2, 2]  # veil/drops: not checked
     for r, experts in ((never, [0, 1]), (always, [1, 0])):
         assert torch.equal(r.routing, torch.nn.functional.one_hot(torch.tensor(experts), 4).float())
         for i, e in enumerate(experts):
