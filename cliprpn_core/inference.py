@@ -287,9 +287,11 @@ class Derainer:
         elif routing is None:
             if pattern is None:
                 pattern, source = self.perceive(rgb[..., :h, :w])
-            if check and ranking is None:
+            if check and ranking is None:  # the check needs the router's logits: route from them
                 ranking = self.model.router.logits(pattern.to(self.device)).float().cpu()
-            routing = self.route(pattern, top_k, temperature)
+                routing = route(ranking, top_k, temperature)
+            else:
+                routing = self.route(pattern, top_k, temperature)
         routing = torch.as_tensor(routing, dtype=torch.float32)
         if routing.shape != (b, self.model.config.num_experts):
             if routing.shape[0] == 1 and routing.shape[1] == self.model.config.num_experts:
@@ -315,10 +317,13 @@ class Derainer:
             mask = _pad_to(mask.clamp(0, 1), self.multiple)
         tile = self._auto_tile(tile, h, w)
         flips = ENSEMBLE_FLIPS if self_ensemble else ((),)
-        cands = check_candidates(routing, ranking) if check else [[int(r.argmax())] for r in routing]
         n_tiles = count_tiles(h, w, tile, overlap, self.multiple)
-        # a checked image: two restorations and two residual-mask runs, then the other flips
-        total = n_tiles * sum(len(flips) + 3 * (len(cs) - 1) for cs in cands) if check else n_tiles * b * len(flips)
+        if check:
+            cands = check_candidates(routing, ranking)
+            # a checked image: two restorations and two residual-mask runs, then the other flips
+            total = n_tiles * sum(len(flips) + 3 * (len(cs) - 1) for cs in cands)
+        else:
+            total = n_tiles * b * len(flips)
         done = [0]
 
         def step(i, n):
@@ -332,6 +337,11 @@ class Derainer:
             oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step)
             done[0] += n_tiles
             return oi[..., :h, :w].clamp(0, 1).cpu().flip(dims), mi_[..., :h, :w].cpu().flip(dims)
+
+        def residual_rain(img):
+            v = float(self._residual_rain(img, tile, overlap, step))
+            done[0] += n_tiles
+            return v
 
         outs, masks = [], []
         routing = routing.clone()
@@ -347,8 +357,7 @@ class Derainer:
                     for e in cands[i]:
                         one = route(torch.zeros(1, routing.shape[1]), override=e).to(self.device)
                         first[e] = restore_flip(inp, one, ())
-                        residual.append(float(self._residual_rain(first[e][0], tile, overlap, step)))
-                        done[0] += n_tiles
+                        residual.append(residual_rain(first[e][0]))
                     chosen = cands[i][check_choice(residual, check_ratio)]
                     first = {(): first[chosen]}
                 routing[i] = route(torch.zeros(1, routing.shape[1]), override=chosen)[0]
@@ -365,11 +374,7 @@ class Derainer:
 
     def _residual_rain(self, img, tile, overlap, progress=None) -> torch.Tensor:
         """Mean of the model's own rain mask over a restored image [1,3,h,w] (0..1): the rain it still sees."""
-        h, w = img.shape[-2:]
-        fn = lambda t: (torch.sigmoid(self.model.estimate_mask(  # noqa: E731
-            t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)).float()),)
-        (m,) = run_tiled(fn, _pad_to(img, self.multiple), tile, overlap, self.multiple, (1,), progress)
-        return m[..., :h, :w].mean()
+        return self.estimate_mask(img, tile, overlap, progress).mean()
 
     def _restore(self, t, r, m, passes=None):
         t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..cliprpn_core.arch import route as arch_route
 from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
 from . import _host as H
@@ -55,8 +56,9 @@ def route(handle: ops.ModelHandle, pattern: ops.RainPattern, top_k: int, tempera
     router = handle.model.router
     with torch.inference_mode():
         dev = next(router.parameters()).device
-        w = router(pattern.probs.to(dev), int(top_k), float(temperature), idx).float().cpu()
-        ranking = None if idx is not None else router.logits(pattern.probs.to(dev)).float().cpu()
+        logits = router.logits(pattern.probs.to(dev)).float().cpu()
+        w = arch_route(logits, int(top_k), float(temperature), idx)
+        ranking = None if idx is not None else logits  # what the Derain node's expert check ranks by
     note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
     return ops.RainRouting(w, handle.experts, note, ranking)
 
