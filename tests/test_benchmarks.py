@@ -103,3 +103,36 @@ def test_routing_check_measures_what_the_check_decides(tiny_model):
     switched = [s[f"switched@{t}"] for t in rc.RATIOS]
     assert switched == sorted(switched)  # a larger ratio never switches fewer images
     assert np.isclose(s[0.5], np.mean([row["psnr"][check_choice(row["residual"], 0.5)], 33.0, 35.0]))
+
+
+def test_expert_fusion_rules():
+    import numpy as np
+    import torch
+    from cliprpn_core.metrics import psnr_y
+    ef = _load("expert_fusion")
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 16, 16, generator=g)
+    u8 = lambda t: (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # noqa: E731
+    light, heavy = (clean + 0.1 * torch.rand(3, 16, 16, generator=g)).clamp(0, 1), clean * 0.9
+    L, H = ef.LIGHT, ef.HEAVY
+    row = {"cands": [L, H], "clean": u8(clean), "m_in": torch.zeros(16, 16),
+           L: {"out": light, "res": torch.full((16, 16), 0.5), "psnr": psnr_y(u8(light), u8(clean))},
+           H: {"out": heavy, "res": torch.full((16, 16), 0.1), "psnr": psnr_y(u8(heavy), u8(clean))}}
+    row["top1"] = row[L]["psnr"]
+    # the check keeps the heavy output (0.1 < 0.4 * 0.5), whole-image, also in "check+fuse"
+    assert ef.check_pick(row) == H
+    assert ef.rule_psnr(row, ("check", None, 0, 0)) == row[H]["psnr"]
+    assert ef.rule_psnr(row, ("check+fuse", "avg", 0.5, 0)) == row[H]["psnr"]
+    # fusing: weight 0 is the light output, weight 1 the heavy one, pix weights follow the residual difference
+    assert ef.rule_psnr(row, ("fuse all", "avg", 0.0, 0)) == row[L]["psnr"]
+    assert ef.rule_psnr(row, ("fuse all", "avg", 1.0, 0)) == row[H]["psnr"]
+    assert torch.allclose(ef.weight(row, "pix", 2.0, 2), torch.full((16, 16), 0.8))
+    assert ef.rule_psnr(row, ("fuse all", "inmask", 4, 3)) == row[L]["psnr"]  # no rain in the input mask
+    # not checked: top-1 in every rule
+    assert ef.rule_psnr({"cands": [L], "top1": 12.5}, ("fuse all", "avg", 1.0, 0)) == 12.5
+    # the blur keeps a constant map and spreads a point symmetrically
+    w = torch.zeros(15, 15)
+    w[7, 7] = 1.0
+    b = ef.gaussian_blur(w, 2)
+    assert np.isclose(float(b.sum()), 1.0, atol=1e-5) and torch.allclose(b, b.flip(0).flip(1))
+    assert torch.allclose(ef.gaussian_blur(torch.full((9, 9), 0.3), 2), torch.full((9, 9), 0.3))
