@@ -37,7 +37,7 @@ from cliprpn_core.checkpoint import load_model  # noqa: E402
 from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image  # noqa: E402
 from cliprpn_core.inference import CHECK_EXPERTS, CHECK_RATIO, Derainer, check_candidates, check_choice  # noqa: E402
 from cliprpn_core.metrics import psnr_y  # noqa: E402
-from routing_check import DATA, _u8, calibration_sets  # noqa: E402
+from routing_check import _u8, calibration_args, calibration_sets  # noqa: E402
 
 LIGHT, HEAVY = CHECK_EXPERTS
 
@@ -109,13 +109,7 @@ RULES = [("check", None, 0, 0)] + [
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", nargs="?", default=str(ROOT / "models" / "clip_rpn_default.safetensors"))
-    ap.add_argument("--n", type=int, default=16, help="images per rotation (layer sets); synthetic: 4n")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report", nargs="*", default=[], help="test sets reported beside (not used for the choice)")
-    ap.add_argument("--data", default=str(DATA))
+    calibration_args(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d = Derainer(load_model(a.checkpoint))

@@ -93,8 +93,8 @@ def calibration_sets(data: Path, n: int, size: int, seed: int):
     yield "synthetic rain over clean", [(r, _u8(c), EXPERTS[int(e)]) for r, c, e in zip(s.rainy, s.clean, s.expert)]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def calibration_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the scripts that measure on calibration_sets (this one and expert_fusion.py)."""
     ap.add_argument("checkpoint", nargs="?", default=str(ROOT / "models" / "clip_rpn_default.safetensors"))
     ap.add_argument("--n", type=int, default=16, help="images per rotation (layer sets); synthetic: 4n")
     ap.add_argument("--size", type=int, default=256)
@@ -102,6 +102,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", nargs="*", default=[], help="test sets reported beside (not used for the choice)")
     ap.add_argument("--data", default=str(DATA))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    calibration_args(ap)
     ap.add_argument("--json", help="write every image's candidates, residual rain and Y-PSNR here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
