@@ -86,29 +86,9 @@ def cmd_train(args):
 
 
 def cmd_synth(args):
-    import torch
-    from tqdm import tqdm
-
-    from .data import SyntheticSource
-    from .imageio import save_image
-    from .patterns import ATTRIBUTES, EXPERTS
-    src = SyntheticSource(args.clean, style=args.style)
-    out = Path(args.output)
-    for sub in ("rain", "gt", "mask"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    labels = {}
-    names = list(ATTRIBUTES)
-    for i in tqdm(range(args.count), desc="synth", unit="img"):
-        s = src.batch(1, args.size, gen, "cpu")
-        name = f"{i:05d}.png"
-        save_image(s.rainy[0], out / "rain" / name)
-        save_image(s.clean[0], out / "gt" / name)
-        save_image(s.mask[0], out / "mask" / name)
-        labels[name] = {**{n: ATTRIBUTES[n][int(s.labels[0, j])] for j, n in enumerate(names)},
-                        "expert": EXPERTS[int(s.expert[0])]}
-    (out / "labels.json").write_text(json.dumps(labels, indent=1))
-    print(f"{args.count} labelled pairs in {out}")
+    from .data import write_labelled_set
+    write_labelled_set(args.clean, args.output, args.count, args.size, args.seed, args.style)
+    print(f"{args.count} labelled pairs in {args.output}")
     return 0
 
 

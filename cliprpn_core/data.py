@@ -92,6 +92,38 @@ class SyntheticSource:
         return synthesize(clean, gen, probs=self.regime_probs, style=self.style)
 
 
+def write_labelled_set(clean_dirs, out, count: int, size: int = 256, seed: int = 0, style: str = "classic",
+                       progress: bool = True) -> dict:
+    """Write ``count`` labelled synthetic pairs over the photos in ``clean_dirs`` to ``out`` (rain/, gt/, mask/
+    as 8-bit PNG, labels.json with each image's pattern labels and its expert); the same seed gives the
+    same set. labels.json is written last, so a set without it is incomplete. Returns the labels."""
+    import json
+
+    from .imageio import save_image
+    from .patterns import ATTRIBUTES, EXPERTS
+    src = SyntheticSource(clean_dirs, style=style)
+    out = Path(out)
+    for sub in ("rain", "gt", "mask"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    labels = {}
+    names = list(ATTRIBUTES)
+    it = range(count)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="synth", unit="img")
+    for i in it:
+        s = src.batch(1, size, gen, "cpu")
+        name = f"{i:05d}.png"
+        save_image(s.rainy[0], out / "rain" / name)
+        save_image(s.clean[0], out / "gt" / name)
+        save_image(s.mask[0], out / "mask" / name)
+        labels[name] = {**{n: ATTRIBUTES[n][int(s.labels[0, j])] for j, n in enumerate(names)},
+                        "expert": EXPERTS[int(s.expert[0])]}
+    (out / "labels.json").write_text(json.dumps(labels, indent=1))
+    return labels
+
+
 class NoRainSource:
     """Rain-free crops of the clean photos, target = input: teaches the restorer to leave bright
     thin textures (grass, scales, wires) alone. Routed and labelled like sparse light rain, which

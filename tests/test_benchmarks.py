@@ -136,3 +136,34 @@ def test_expert_fusion_rules():
     b = ef.gaussian_blur(w, 2)
     assert np.isclose(float(b.sum()), 1.0, atol=1e-5) and torch.allclose(b, b.flip(0).flip(1))
     assert torch.allclose(ef.gaussian_blur(torch.full((9, 9), 0.3), 2), torch.full((9, 9), 0.3))
+
+
+def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
+    import numpy as np
+    from PIL import Image
+    from cliprpn_core import Derainer
+    from cliprpn_core.data import write_labelled_set
+    sr = _load("synthetic_regimes")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (112, 120, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    labels = write_labelled_set([clean], tmp_path / "set", 6, 96, seed=3, progress=False)
+    # the same seed writes the same set
+    again = write_labelled_set([clean], tmp_path / "again", 6, 96, seed=3, progress=False)
+    assert again == labels and (tmp_path / "set" / "rain" / "00005.png").read_bytes() == \
+        (tmp_path / "again" / "rain" / "00005.png").read_bytes()
+    d = Derainer(tiny_model)
+    res = sr.evaluate(d, tmp_path / "set", labels)
+    assert res["all"]["n"] == 6 and sum(res["routing"].values()) == 6
+    assert sum(v["n"] for k, v in res.items() if k not in ("all", "routing")) == 6
+    # 'all' is the plain mean of the protocol metric over every image
+    rows = [{"name": "a", "psnr": 30.0, "ssim": 0.9}, {"name": "b", "psnr": 20.0, "ssim": 0.5},
+            {"name": "c", "psnr": 25.0, "ssim": 0.7}]
+    lab = {"a": {"expert": "veil"}, "b": {"expert": "light_streaks"}, "c": {"expert": "veil"}}
+    g = sr.by_regime(rows, lab, {"a": "veil", "b": "veil", "c": "light_streaks"})
+    assert g["veil"] == {"n": 2, "psnr": 27.5, "ssim": 0.8, "routed_to_label": 0.5}
+    assert g["light_streaks"]["routed_to_label"] == 0.0 and g["all"]["psnr"] == 25.0
+    assert np.isclose(g["all"]["routed_to_label"], 1 / 3, atol=1e-3)
+    assert list(g) == ["light_streaks", "veil", "all"]
