@@ -105,6 +105,7 @@ def write_labelled_set(clean_dirs, out, count: int, size: int = 256, seed: int =
     out = Path(out)
     for sub in ("rain", "gt", "mask"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "labels.json").unlink(missing_ok=True)  # an older set's labels must not outlive an interrupted rewrite
     gen = torch.Generator().manual_seed(seed)
     labels = {}
     names = list(ATTRIBUTES)
@@ -120,7 +121,9 @@ def write_labelled_set(clean_dirs, out, count: int, size: int = 256, seed: int =
         save_image(s.mask[0], out / "mask" / name)
         labels[name] = {**{n: ATTRIBUTES[n][int(s.labels[0, j])] for j, n in enumerate(names)},
                         "expert": EXPERTS[int(s.expert[0])]}
-    (out / "labels.json").write_text(json.dumps(labels, indent=1))
+    tmp = out / "labels.json.tmp"
+    tmp.write_text(json.dumps(labels, indent=1))
+    tmp.replace(out / "labels.json")
     return labels
 
 
