@@ -34,18 +34,26 @@ from cliprpn_core.patterns import EXPERTS  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None, check=False,
-        check_ratio=CHECK_RATIO):
+def derain_set(derainer, set_dir, **options):
+    """Derain every image of a paired set (rain/, gt/) with ``Derainer.derain(**options)``, write the outputs as
+    8-bit PNG and score them from the files (metrics.evaluate_folders). Returns its result, the expert routing
+    ranked first for each image (by file stem) and the seconds spent deraining."""
     chosen = {}
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
-            r = derainer.derain(read_image(f), override=override, self_ensemble=self_ensemble, top_k=top_k,
-                                passes=passes, check=check, check_ratio=check_ratio)
+            r = derainer.derain(read_image(f), **options)
             chosen[f.stem] = EXPERTS[int(r.routing[0].argmax())]
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t
         ev = evaluate_folders(out, Path(set_dir) / "gt", progress=False, rain_dir=Path(set_dir) / "rain")
+    return ev, chosen, secs
+
+
+def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None, check=False,
+        check_ratio=CHECK_RATIO):
+    ev, chosen, secs = derain_set(derainer, set_dir, override=override, self_ensemble=self_ensemble, top_k=top_k,
+                                  passes=passes, check=check, check_ratio=check_ratio)
     m = ev["mean"]
     per = {r["name"]: round(r["psnr"], 3) for r in ev["images"]}
     # rain_left: a diagnostic (metrics.rain_left), the share of the rain the outputs still carry

@@ -24,19 +24,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cliprpn_core.checkpoint import load_model  # noqa: E402
 from cliprpn_core.data import write_labelled_set  # noqa: E402
-from cliprpn_core.imageio import read_image, save_image  # noqa: E402
 from cliprpn_core.inference import Derainer  # noqa: E402
-from cliprpn_core.metrics import evaluate_folders  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
+from evaluate import derain_set  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def by_regime(images: list[dict], labels: dict, chosen: dict | None = None) -> dict:
     """Mean Y-PSNR / SSIM per labelled expert (and 'all') from evaluate_folders' per-image rows; with the
-    routed expert per image also the share routed to the labelled expert."""
+    routed expert per image (by file stem) also the share routed to the labelled expert."""
     groups = defaultdict(list)
     for r in images:
         groups[labels[r["name"]]["expert"]].append(r)
@@ -47,19 +47,13 @@ def by_regime(images: list[dict], labels: dict, chosen: dict | None = None) -> d
         out[g] = {"n": len(rows), "psnr": round(float(np.mean([r["psnr"] for r in rows])), 3),
                   "ssim": round(float(np.mean([r["ssim"] for r in rows])), 4)}
         if chosen is not None:
-            hit = [chosen[r["name"]] == (labels[r["name"]]["expert"] if g == "all" else g) for r in rows]
+            hit = [chosen[Path(r["name"]).stem] == labels[r["name"]]["expert"] for r in rows]
             out[g]["routed_to_label"] = round(float(np.mean(hit)), 3)
     return out
 
 
 def evaluate(derainer: Derainer, set_dir: Path, labels: dict, check: bool = False) -> dict:
-    chosen = {}
-    with tempfile.TemporaryDirectory() as out:
-        for name in sorted(labels):
-            r = derainer.derain(read_image(set_dir / "rain" / name), check=check)
-            chosen[name] = EXPERTS[int(r.routing[0].argmax())]
-            save_image(r.images[0], Path(out) / name)
-        ev = evaluate_folders(out, set_dir / "gt", progress=False)
+    ev, chosen, _ = derain_set(derainer, set_dir, check=check)
     res = by_regime(ev["images"], labels, chosen)
     res["routing"] = dict(Counter(chosen.values()))
     return res
