@@ -231,12 +231,19 @@ class RainLayerSource:
     statistics on many backgrounds. Light vs heavy from the folder/name hints, as PairedSource."""
 
     def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
-                 gain=(0.7, 1.3), light_share=0.5):
+                 gain=(0.7, 1.3), light_share=0.5, scale=(0.8, 1.2), mix=0.0, mix_gain=(0.4, 1.0)):
         if not 0.0 <= float(light_share) <= 1.0:
             raise ValueError(f"light_share must be in [0, 1] (the share of layer draws that are light rain), "
                              f"got {light_share}")
+        if not 0.0 <= float(mix) <= 1.0:
+            raise ValueError(f"mix must be in [0, 1] (the share of layer draws that get a second layer added), got {mix}")
+        self.scale = tuple(float(v) for v in scale)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be [low, high] with 0 < low <= high (the layers' zoom range), got {scale}")
         self.max_rotation = float(max_rotation)
         self.gain = tuple(float(g) for g in gain)
+        self.mix = float(mix)
+        self.mix_gain = tuple(float(g) for g in mix_gain)
         self.pairs = PairedSource(pair_roots, min_side=min_side)
         keep = [i for i, h in enumerate(self.pairs.heavy) if only is None or (only == "heavy") == h]
         if not keep:
@@ -251,12 +258,29 @@ class RainLayerSource:
         share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
         self.draw_weights = torch.where(h > 0, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
 
+    def _add_second_layers(self, layer, picks, crop, gen, device):
+        """With probability ``mix`` per sample, add a second crop of a layer of the same kind (light or heavy),
+        scaled by a factor in ``mix_gain``: streak fields the few real layers don't have (denser, crossing
+        streaks of two lengths), from real streaks without resampling them."""
+        n = len(picks)
+        on = (torch.rand(n, generator=gen) < self.mix).tolist()
+        g = self.mix_gain[0] + (self.mix_gain[1] - self.mix_gain[0]) * torch.rand(n, generator=gen)
+        heavy = torch.tensor(self.heavy)
+        for j in [j for j in range(n) if on[j]]:
+            w = torch.where(heavy == heavy[picks[j]], self.draw_weights, torch.zeros_like(self.draw_weights))
+            k = int(torch.multinomial(w, 1, generator=gen))
+            second = _random_crops(self.layers, 1, crop, gen, device, scale_range=self.scale, indices=[k])
+            layer[j:j + 1] = layer[j:j + 1] + float(g[j]) * second
+        return layer
+
     def batch(self, n, size, gen, device) -> RainSample:
         picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
         # layers don't have (horizontal flips in _random_crops mirror them as well)
         crop = rotation_crop_size(size) if self.max_rotation > 0 else size
-        layer = _random_crops(self.layers, n, crop, gen, device, scale_range=(0.8, 1.2), indices=picks)
+        layer = _random_crops(self.layers, n, crop, gen, device, scale_range=self.scale, indices=picks)
+        if self.mix > 0:  # (draws nothing more when off: older configs keep their exact data stream)
+            layer = self._add_second_layers(layer, picks, crop, gen, device)
         if self.max_rotation > 0:
             layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
         clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))

@@ -44,6 +44,8 @@ class TrainConfig:
     layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
     layer_gain: list = field(default_factory=lambda: [0.7, 1.3])  # real layers are scaled by a factor in this range
     layer_light_share: float = 0.5  # share of real-layer draws that are light-rain layers (the rest heavy)
+    layer_scale: list = field(default_factory=lambda: [0.8, 1.2])  # real layers are zoomed by a factor in this range
+    layer_mix: float = 0.0  # share of real-layer draws that get a second layer of the same kind added
     norain_fraction: float = 0.0  # share of each batch that is rain-free clean crops (target = input)
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
     synth_style: str = "classic"  # synthesis.STYLES: classic (the shipped model's) or calibrated
@@ -212,7 +214,8 @@ class Trainer:
                 raise ValueError("layer_dirs needs clean_dirs (the backgrounds the layers are put on)")
             srcs.append(RainLayerSource(self.cfg.layer_dirs, self.cfg.clean_dirs, min_side=self.cfg.patch_size,
                                         max_rotation=self.cfg.layer_rotation, gain=self.cfg.layer_gain,
-                                        light_share=self.cfg.layer_light_share))
+                                        light_share=self.cfg.layer_light_share, scale=self.cfg.layer_scale,
+                                        mix=self.cfg.layer_mix))
             w[0] -= self.cfg.layer_fraction
             w.append(self.cfg.layer_fraction)
         if self.cfg.norain_fraction > 0:

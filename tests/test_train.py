@@ -269,6 +269,30 @@ def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
         RainLayerSource([mixed], [clean], min_side=32, light_share=1.5)
 
 
+def test_layer_mix_adds_a_second_layer_of_the_same_kind(tmp_path, data_dirs):
+    from cliprpn_core.data import RainLayerSource
+    clean, pairs = data_dirs
+    kw = dict(min_side=32, max_rotation=0, gain=(1.0, 1.0))
+
+    def draw(**extra):
+        return RainLayerSource([pairs], [clean], **kw, **extra).batch(12, 32, torch.Generator().manual_seed(3), "cpu")
+
+    base = draw()
+    # mix off (and the default zoom written out) draws exactly what the source drew before the option existed
+    same = draw(mix=0.0, scale=(0.8, 1.2))
+    assert torch.equal(base.rainy, same.rainy) and torch.equal(base.clean, same.clean)
+    mixed = draw(mix=1.0, mix_gain=(1.0, 1.0))
+    again = draw(mix=1.0, mix_gain=(1.0, 1.0))
+    assert torch.equal(mixed.rainy, again.rainy)  # seeded
+    # every sample got a second layer: more rain over the same kind of draws (labels follow the first layer)
+    assert (mixed.expert == base.expert).all()
+    assert (mixed.rainy - mixed.clean).sum() > (base.rainy - base.clean).sum()
+    with pytest.raises(ValueError, match="mix must be in"):
+        RainLayerSource([pairs], [clean], **kw, mix=2.0)
+    with pytest.raises(ValueError, match="scale must be"):
+        RainLayerSource([pairs], [clean], **kw, scale=(1.2, 0.8))
+
+
 def test_two_pass_training_from_a_one_pass_model(tmp_path, data_dirs):
     src = _save_tiny(tmp_path / "one.safetensors")
     assert src.config.passes == 1

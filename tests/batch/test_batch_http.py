@@ -163,7 +163,10 @@ def _cli(args, **kw):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_stops_cleanly_and_a_rerun_picks_up(tmp_path, fakes, sig):
     from batch_helpers import make_images
-    imgs = make_images(tmp_path / "in", 12)
+    # 40 images at 0.25 s each: a window of ~10 s for the signal to land mid-batch (12 images once finished
+    # before a loaded machine's polling loop saw the first result)
+    n = 40
+    imgs = make_images(tmp_path / "in", n)
     fake, = fakes(1, delay=0.25)
     out = tmp_path / "out"
     args = [str(imgs[0].parent), "-o", str(out), "--server", fake.url, "--report", str(tmp_path / "r.csv"), "-q"]
@@ -183,7 +186,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_picks_up(tmp_path, fakes, sig):
     assert p.returncode == 130, err
     assert "left for a rerun" in err
     done_first = {q.name for q in out.glob("*.png")}
-    assert 1 <= len(done_first) < 12 and not list(out.glob(".*.part"))
+    assert 1 <= len(done_first) < n and not list(out.glob(".*.part"))
     rows = (tmp_path / "r.csv").read_text()
     assert "interrupted" in rows
     time.sleep(0.3)
