@@ -99,7 +99,7 @@ def write_labelled_set(clean_dirs, out, count: int, size: int = 256, seed: int =
     same set. labels.json is written last, so a set without it is incomplete. Returns the labels."""
     import json
 
-    from .imageio import save_image
+    from .imageio import atomic_write_bytes, save_image
     from .patterns import ATTRIBUTES, EXPERTS
     src = SyntheticSource(clean_dirs, style=style)
     out = Path(out)
@@ -121,9 +121,8 @@ def write_labelled_set(clean_dirs, out, count: int, size: int = 256, seed: int =
         save_image(s.mask[0], out / "mask" / name)
         labels[name] = {**{n: ATTRIBUTES[n][int(s.labels[0, j])] for j, n in enumerate(names)},
                         "expert": EXPERTS[int(s.expert[0])]}
-    tmp = out / "labels.json.tmp"
-    tmp.write_text(json.dumps(labels, indent=1))
-    tmp.replace(out / "labels.json")
+    text = json.dumps(labels, indent=1)
+    atomic_write_bytes(out / "labels.json", lambda tmp: Path(tmp).write_text(text))
     return labels
 
 
@@ -253,10 +252,11 @@ class RainLayerSource:
         self.clean = SyntheticSource(clean_folders, min_side=min_side)
         # light layers make up light_share of the draws (heavy the rest), however many of each there are;
         # with only one kind present, that kind is drawn
-        h = torch.tensor(self.heavy, dtype=torch.float32)
-        n_heavy, n_light = float(h.sum()), float((1 - h).sum())
+        self.heavy_mask = torch.tensor(self.heavy, dtype=torch.bool)
+        n_heavy = float(self.heavy_mask.sum())
+        n_light = len(self.heavy) - n_heavy
         share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
-        self.draw_weights = torch.where(h > 0, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
+        self.draw_weights = torch.where(self.heavy_mask, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
 
     def _add_second_layers(self, layer, picks, crop, gen, device):
         """With probability ``mix`` per sample, add a second crop of a layer of the same kind (light or heavy),
@@ -265,9 +265,9 @@ class RainLayerSource:
         n = len(picks)
         on = (torch.rand(n, generator=gen) < self.mix).tolist()
         g = self.mix_gain[0] + (self.mix_gain[1] - self.mix_gain[0]) * torch.rand(n, generator=gen)
-        heavy = torch.tensor(self.heavy)
         for j in [j for j in range(n) if on[j]]:
-            w = torch.where(heavy == heavy[picks[j]], self.draw_weights, torch.zeros_like(self.draw_weights))
+            same_kind = self.heavy_mask == self.heavy_mask[picks[j]]
+            w = torch.where(same_kind, self.draw_weights, torch.zeros_like(self.draw_weights))
             k = int(torch.multinomial(w, 1, generator=gen))
             second = _random_crops(self.layers, 1, crop, gen, device, scale_range=self.scale, indices=[k])
             layer[j:j + 1] = layer[j:j + 1] + float(g[j]) * second
