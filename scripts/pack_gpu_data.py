@@ -2,7 +2,7 @@
 
   python scripts/pack_gpu_data.py [--data ../shared/data] [--out .gpu_data] [--quality 90]
 
-Writes OUT/clean/ (the clean photos re-encoded as JPEG, which is what the session-1 GPU stage trained on)
+Writes OUT/clean/ (the clean photos re-encoded as JPEG, which is what stage 1 of the shipped model trained on)
 and OUT/heavy_train/, OUT/train_pairs_small/ (the real pairs, copied as they are: their rain layers are
 used pixel for pixel). Nothing is written for test sets. OUT is git-ignored (`.gpu_data/` in
 .gitignore); name it in the device tool's `carry` and point the config there, e.g.

@@ -109,7 +109,7 @@ def test_bad_options():
         TrainConfig.from_toml(None, ["loss_preset=magic"])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     # every recorded recipe still loads with today's options (a renamed option would fail here, not mid-session)
     c = TrainConfig.from_toml(str(path), [])
