@@ -13,6 +13,7 @@ PARTS = ("loader", "processing", "training")
 def load_nodes() -> list:
     from . import _host
     _host.register_model_folder()
+    _host.install_example_inputs()
     nodes = []
     for part in PARTS:
         try:

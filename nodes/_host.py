@@ -19,6 +19,7 @@ log = logging.getLogger("CLIP-RPN")
 
 FOLDER = "clip_rpn"
 PACK_MODELS = Path(__file__).resolve().parent.parent / "models"
+EXAMPLE_INPUTS = Path(__file__).resolve().parent.parent / "example_inputs"
 
 
 def register_model_folder():
@@ -29,6 +30,31 @@ def register_model_folder():
     keep = [p for p in paths if p not in (own, str(PACK_MODELS))]
     folder_paths.folder_names_and_paths[FOLDER] = ([own] + keep + [str(PACK_MODELS)],
                                                    set(folder_paths.supported_pt_extensions))
+
+
+def install_example_inputs(src: Path = EXAMPLE_INPUTS) -> list[str]:
+    """Copy the example workflows' input images (example_inputs/*.png, made by
+    scripts/make_example_inputs.py) into ComfyUI's input folder, where their Load Image nodes
+    look. A file already there is never replaced (a user's own image of that name wins); any
+    failure is logged, never raised. Returns the names copied."""
+    import shutil
+    copied = []
+    try:
+        dest = Path(folder_paths.get_input_directory())
+        for f in sorted(src.glob("*.png")):
+            target = dest / f.name
+            if target.exists():
+                continue
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / f".{f.name}.cliprpn.part"
+            shutil.copyfile(f, tmp)
+            tmp.replace(target)
+            copied.append(f.name)
+    except Exception as e:  # noqa: BLE001 - a read-only input folder must not stop the pack loading
+        log.warning("CLIP-RPN: could not copy the example inputs into ComfyUI's input folder: %s", e)
+    if copied:
+        log.info("CLIP-RPN: example inputs %s copied into %s", ", ".join(copied), dest)
+    return copied
 
 
 def model_roots() -> list[str]:

@@ -56,18 +56,18 @@ def srv(server):
     server.upload_image(clean, "clean.png")
     server.upload_image(png_bytes(synthetic_scene(64, 64, 3)), "small.png")
     server.upload_image(png_bytes(synthetic_scene(64, 64, 4)), "small2.png")
-    try:  # a real (tiny, random) 2x ESRGAN so the upscale workflow runs end to end
+    upscaler = server.models / "upscale_models" / wg.REALESRGAN["name"]
+    try:  # a real (tiny, random) 4x ESRGAN under the workflow's file name, so it runs end to end
         from safetensors.torch import save_file
         from spandrel.architectures.ESRGAN import ESRGAN
         torch.manual_seed(0)
-        up = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2)
-        save_file({k: v.contiguous() for k, v in up.state_dict().items()},
-                  str(server.models / "upscale_models" / "RealESRGAN_x2.safetensors"))
+        up = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+        save_file({k: v.contiguous() for k, v in up.state_dict().items()}, str(upscaler))
     except ImportError:  # spandrel is ComfyUI's dependency; without it the workflow can only validate
-        (server.models / "upscale_models" / "RealESRGAN_x2.safetensors").write_bytes(b"\0" * 16)
+        upscaler.write_bytes(b"\0" * 16)
     # a placeholder: the inpaint workflow needs an SD inpainting model we cannot have here
     from safetensors.torch import save_file
-    save_file({"placeholder": torch.zeros(1)}, str(server.models / "checkpoints" / "sd15_inpainting.safetensors"))
+    save_file({"placeholder": torch.zeros(1)}, str(server.models / "checkpoints" / wg.SD2_INPAINT["name"]))
     yield server
     assert server.alive(), server.log()[-3000:]
 
@@ -78,7 +78,7 @@ def test_pack_loads_without_errors(srv):
     assert "IMPORT FAILED" not in log, log[-3000:]
     assert "nodes are disabled" not in log
     tpl = srv.get("/workflow_templates")
-    assert sorted(tpl.get("ComfyUI-CLIP-RPN", [])) == sorted(wg.GRAPHS)
+    assert sorted(tpl.get("ComfyUI-CLIP-RPN", [])) == sorted(wg.TITLES.values())
 
 
 def test_object_info_lists_every_node(srv):
@@ -132,13 +132,16 @@ def test_object_info_lists_every_node(srv):
 @pytest.mark.parametrize("name", sorted(wg.GRAPHS))
 def test_ui_workflow_matches_api_copy(srv, name):
     info = srv.object_info()
-    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    ui = json.loads(wg.ui_file(name).read_text())
     api = json.loads((API_DIR / f"{name}.json").read_text())
     assert wg.ui_to_api(ui, info) == wg.strip_meta(api)
+    assert wg.snapshot_of(info) == wg.load_snapshot(), "object_info_snapshot.json is stale: rerun workflow_graphs.py URL"
     assert wg.build(name, info) == (ui, api), "workflows/ is stale: rerun tests/comfy/workflow_graphs.py"
-    assert (REPO / "workflows" / f"{name}.jpg").is_file()
+    assert wg.thumb_file(name).is_file()
     types = {lk[0]: lk[5] for lk in ui["links"]}
-    for node in ui["nodes"]:  # every link carries the type its source outputs
+    for node in ui["nodes"]:
+        if node["type"] in wg.VIRTUAL:
+            continue  # every link carries the type its source outputs
         for inp in node["inputs"]:
             assert inp["type"] in (types[inp["link"]], "*") or types[inp["link"]] in inp["type"].split(",")
 
@@ -163,7 +166,7 @@ def test_api_workflow_runs(srv, name):
         if name == "clip_rpn_derain_upscale":
             saved = load_png(srv.view(hist["outputs"]["6"]["images"][0]))
             src = Image.open(io.BytesIO(srv.view({"filename": "rainy.png", "subfolder": "", "type": "input"})))
-            assert saved.shape[:2] == (src.height * 2, src.width * 2)
+            assert saved.shape[:2] == (src.height * 4, src.width * 4)
     assert srv.alive()
 
 
