@@ -22,7 +22,6 @@ import argparse
 import base64
 import copy
 import csv
-import glob
 import hashlib
 import http.client
 import io
@@ -43,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .imageio import IMAGE_EXTS, atomic_write_bytes
+from .runfiles import LIST_EXTS, clean_partials, collect_inputs, output_complete  # noqa: F401 (re-exported)
 
 API_WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows" / "api"
 DEFAULT_WORKFLOW = "clip_rpn_basic_derain"
-LIST_EXTS = {".txt", ".lst", ".list"}
 UPLOAD_SUBFOLDER = "cliprpn_batch"
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask", "LoadImageOutput")
 SAVERS = ("SaveImage",)
@@ -126,57 +125,6 @@ class Output:
     perceived_by: str | None = None
 
 
-def _has_glob(s: str) -> bool:
-    return any(c in s for c in "*?[")
-
-
-def collect_inputs(specs) -> list[tuple[Path, str]]:
-    """Folders (non-recursive, image extensions), globs, list files (one path a line, relative to
-    the list, '#' comments) and single files -> [(path, problem)] in order, duplicates dropped.
-    ``problem`` is '' or why the entry cannot be used (reported per image, never raised)."""
-    out, seen = [], set()
-
-    def add(p: Path, problem=""):
-        key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            out.append((p, problem))
-
-    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
-            if not found:
-                add(p, f"folder {p} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-            for q in found:
-                add(q)
-        elif p.is_file() and p.suffix.lower() in LIST_EXTS:
-            try:
-                lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError as e:
-                add(p, f"list file {p} cannot be read ({e})")
-                continue
-            for line in lines:
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                q = Path(line).expanduser()
-                q = q if q.is_absolute() else p.parent / q
-                add(q, "" if q.is_file() else f"{q} (listed in {p.name}) "
-                    + ("is not a file" if q.exists() else "does not exist"))
-        elif p.is_file():
-            add(p)
-        elif _has_glob(str(spec)):
-            found = sorted(Path(q) for q in glob.glob(str(spec), recursive=True) if Path(q).is_file())
-            if not found:
-                add(p, f"pattern {spec} matches no files")
-            for q in found:
-                add(q)
-        else:
-            add(p, f"input {p} does not exist")
-    return out
-
-
 def output_name(src: Path, fmt: str = "same") -> str:
     return src.name if fmt == "same" else src.stem + "." + fmt
 
@@ -211,31 +159,6 @@ def check_image_file(path: Path) -> None:
         raise
     except Exception as e:  # PIL raises many types for broken files
         raise BadInput(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def output_complete(path: Path) -> bool:
-    """Resume test: the file exists, is not empty and decodes its whole structure."""
-    from PIL import Image
-    try:
-        if path.stat().st_size == 0:
-            return False
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
-
-
-def clean_partials(out_dir: Path) -> int:
-    """Remove temp files an earlier hard kill left (atomic_write_bytes names them .NAME.*.part)."""
-    n = 0
-    for p in Path(out_dir).glob(".*.part"):
-        try:
-            p.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
 
 
 _PIL_FMT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
@@ -1302,11 +1225,12 @@ def write_report(path: Path, jobs: list[Job], summary: dict, meta: dict | None =
 # ---------------------------------------------------------------------------------------------
 # command line
 def add_batch_parser(subparsers):
+    from .cli import EXIT_CODES, MAX_TILE, MIN_TILE, int_in
     b = subparsers.add_parser(
         "batch", help="derain many images in-process or through ComfyUI servers (resumable)",
         description="Derain a folder, glob or list file of images. With --server the images go through running "
                     "ComfyUI servers (upload, queue an API workflow, download); without, the model runs here. "
-                    "Finished outputs are skipped on a rerun; Ctrl-C stops cleanly.")
+                    "Finished outputs are skipped on a rerun; Ctrl-C stops cleanly.", epilog=EXIT_CODES)
     b.add_argument("inputs", nargs="+", help="folders, globs ('shots/*.jpg') and/or list files (.txt/.lst, one path a line)")
     b.add_argument("-o", "--output", required=True, help="output folder (results keep the input file names)")
     b.add_argument("--server", action="append", default=[], metavar="URL",
@@ -1315,10 +1239,10 @@ def add_batch_parser(subparsers):
                    help=f"API-format workflow: a file, or one of ours by name (default {DEFAULT_WORKFLOW})")
     b.add_argument("--image-node", help="id of the node whose 'image' input gets each file (default: the LoadImage)")
     b.add_argument("--output-node", help="id of the node whose images are downloaded (default: the SaveImage)")
-    b.add_argument("--depth", type=int, default=2, help="our prompts in flight per server (default 2)")
-    b.add_argument("--retries", type=int, default=2, help="extra attempts for a failed image (default 2)")
-    b.add_argument("--timeout", type=float, default=600, help="seconds one image may take on a server")
-    b.add_argument("--server-wait", type=float, default=60,
+    b.add_argument("--depth", type=int_in(1, 64), default=2, help="our prompts in flight per server (default 2)")
+    b.add_argument("--retries", type=int_in(0, 100), default=2, help="extra attempts for a failed image (default 2)")
+    b.add_argument("--timeout", type=_positive_seconds, default=600, help="seconds one image may take on a server")
+    b.add_argument("--server-wait", type=_positive_seconds, default=60,
                    help="seconds to wait for a server to come back when none is reachable")
     b.add_argument("--no-websocket", action="store_true", help="follow prompts by polling /history")
     b.add_argument("--pattern", action=argparse.BooleanOptionalAction, default=None,
@@ -1326,6 +1250,8 @@ def add_batch_parser(subparsers):
                         "/ Expert Router; --pattern also adds them to workflows without (one extra perception "
                         "pass); --no-pattern sends the workflow untouched")
     b.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
+    b.add_argument("--in-place", action="store_true",
+                   help="allow -o to be an input folder (with --format same, results replace their originals)")
     b.add_argument("--check", action="store_true",
                    help="expert check in every CLIP-RPN derain node (or in-process): two streak experts per image, "
                         "the one that leaves clearly less rain kept (about 3x slower)")
@@ -1336,18 +1262,48 @@ def add_batch_parser(subparsers):
     b.add_argument("--clip", help="in-process: CLIP weights for perception")
     b.add_argument("--device", default="auto", help="in-process: auto, cpu, cuda, mps")
     b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    b.add_argument("--tile", type=int, default=0, help="in-process: tile size (0: automatic)")
-    b.add_argument("--threads", type=int, default=0, help="in-process: CPU threads (0: torch default)")
+    b.add_argument("--tile", type=int_in(MIN_TILE, MAX_TILE, zero_ok=True), default=0,
+                   help=f"in-process: tile size, 0 or {MIN_TILE}..{MAX_TILE} (0: automatic)")
+    b.add_argument("--threads", type=int_in(1, 1024, zero_ok=True), default=0,
+                   help="in-process: CPU threads (0: torch default)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=cmd_batch)
     return b
 
 
+def _positive_seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v != v:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return v
+
+
 def cmd_batch(args) -> int:
-    """Exit codes: 0 all images done or skipped, 2 some failed/bad, 1 nothing succeeded, 130 Ctrl-C."""
+    """Exit codes (as every cliprpn command): 0 all images done or skipped, 1 nothing succeeded, 2 bad command
+    line or workflow (nothing sent), 3 some images failed/bad, 130 Ctrl-C."""
     out = Path(args.output)
     report = Path(args.report) if args.report else out / "batch_report.json"
+    if not args.server:
+        from .inference import DeviceError, resolve_device
+        try:
+            resolve_device(args.device)
+        except DeviceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     jobs = make_jobs(args.inputs, out, args.format)
+    from .runfiles import PlanError, check_in_place, check_output_dir
+    try:
+        mine = [j for j in jobs if j.dst is not None]
+        check_in_place(args.inputs, [j.src for j in mine], [[j.dst] for j in mine], out, in_place=args.in_place,
+                       extra={"--report": report})
+        if mine:
+            check_output_dir(out)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log = (lambda m: print(m, file=sys.stderr))
     meta = {"mode": "servers" if args.server else "in-process", "expert_check": bool(args.check)}
     backends: list[Backend] = []
@@ -1415,7 +1371,7 @@ def cmd_batch(args) -> int:
             log(f"  {j.status}: {j.error if str(j.src) in j.error else f'{j.src}: {j.error}'}")
     if runner.interrupted:
         return 130
-    return 0 if not bad else (1 if not ok else 2)
+    return 0 if not bad else (1 if not ok else 3)
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+
+# Exit codes of every command (also in `cliprpn --help`).
+EXIT_OK = 0  # everything done (or skipped: already done)
+EXIT_FAILED = 1  # nothing was done: the model, a checkpoint or every input failed
+EXIT_USAGE = 2  # the command line is wrong (bad value, device not here, outputs that would collide)
+EXIT_PARTIAL = 3  # some images done, some failed (each named on stderr and in the report)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: what finished is kept and reported; rerun to resume
+EXIT_CODES = (f"exit codes: {EXIT_OK} all done, {EXIT_FAILED} nothing done (model or every input failed), "
+              f"{EXIT_USAGE} bad command line (nothing done), {EXIT_PARTIAL} some images failed, "
+              f"{EXIT_INTERRUPTED} interrupted (finished outputs kept; rerun to resume)")
+
+MAX_TILE = 16384
+MIN_TILE = 128
+MAX_OVERLAP = 512
+
+
+def int_in(lo: int, hi: int | None = None, zero_ok: bool = False, what: str = "a whole number"):
+    """argparse type: an int in lo..hi (or 0 when ``zero_ok``), else a one-line usage error."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if zero_ok and v == 0:
+            return v
+        if v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {'0 or ' if zero_ok else ''}{rng}")
+        return v
+    return parse
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """With a tile, the overlap must leave a stride of at least half a tile (else most work is redone)."""
+    if tile and 2 * overlap >= tile:
+        raise UsageError(f"--overlap {overlap} is too large for --tile {tile}: use an overlap below half the tile "
+                         f"(at most {tile // 2 - 1}), or a larger tile")
+
+
+class UsageError(ValueError):
+    """A command-line value that argparse could not check on its own."""
 
 
 def _load_derainer(args):
@@ -12,44 +55,141 @@ def _load_derainer(args):
     return load_derainer(args.checkpoint, args.clip, args.clip_arch, args.device, args.dtype)
 
 
+def _install_sigterm():
+    """SIGTERM (`kill PID`) stops as cleanly as Ctrl-C. Returns a function restoring the old handler."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def _term(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, _term)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _derain_settings(args, ck) -> dict:
+    """What decides an output's pixels: a rerun with other settings redoes the images."""
+    try:
+        st = os.stat(ck)
+        ck_id = [os.path.abspath(ck), st.st_size, st.st_mtime_ns]
+    except OSError:
+        ck_id = [str(ck)]
+    return {"checkpoint": ck_id, "clip": args.clip, "clip_arch": args.clip_arch, "dtype": args.dtype,
+            "top_k": args.top_k, "expert": args.expert, "tile": args.tile, "overlap": args.overlap,
+            "self_ensemble": args.self_ensemble, "passes": args.passes, "check": args.check,
+            "save_mask": args.save_mask}
+
+
 def cmd_derain(args):
+    from .imageio import ImageReadError, read_image_info, save_image
+    from .inference import resolve_device
+    from .patterns import EXPERTS, describe
+    from .runfiles import ResumeLog, check_output_dir, clean_partials, collect_inputs, plan_outputs
     import torch
     from tqdm import tqdm
 
-    from .imageio import ImageReadError, list_images, read_image, save_image
-    from .patterns import EXPERTS, describe
+    check_tiling(args.tile, args.overlap)
+    resolve_device(args.device)  # DeviceError (a usage error) before anything is written
+    out = Path(args.output)
+    entries = collect_inputs(args.inputs)
+    if args.in_place and out.is_dir():  # the derained PNGs of an earlier in-place run are not new inputs
+        earlier = ResumeLog(out, {})
+        entries = [(p, problem) for p, problem in entries if not earlier.output_of_another_input(p)]
+    good = [p for p, problem in entries if not problem]
+    name = (lambda f: f.name) if args.keep_ext else (lambda f: f.stem)
+    outputs = [[out / (name(f) + ".png")] + ([out / (name(f) + "_mask.png")] if args.save_mask else []) for f in good]
+    extra = {"--report": Path(args.report)} if args.report else {}
+    plan_outputs(args.inputs, good, outputs, out, in_place=args.in_place, extra=extra)
+    if good:
+        check_output_dir(out)
+        n = clean_partials(out)
+        if n:
+            print(f"removed {n} partial file(s) an interrupted run left in {out}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    files = list_images(args.inputs)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    d, ck = _load_derainer(args)
-    report, failed = [], 0
-    bar = tqdm(files, desc="derain", unit="img", disable=args.quiet)
-    for f in bar:
-        try:
-            img = read_image(f)
-            r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None, overlap=args.overlap,
-                         self_ensemble=args.self_ensemble, passes=args.passes or None, check=args.check)
-        except (ImageReadError, ValueError) as e:
+    report, failed, skipped = [], 0, 0
+    for p, problem in entries:
+        if problem:
             failed += 1
-            tqdm.write(f"skipped {f}: {e}", file=sys.stderr)
-            report.append({"file": str(f), "status": "error", "error": str(e)})
-            continue
-        dst = out / (f.stem + ".png")
-        save_image(r.images[0], dst)
-        if args.save_mask:
-            save_image(r.masks[0], out / (f.stem + "_mask.png"))
-        w = r.routing[0]
-        report.append({"file": str(f), "output": str(dst), "status": "ok", "seconds": round(r.seconds, 4),
-                       "perceived_by": r.perceived_by, "pattern": describe(r.pattern[0]),
-                       "pattern_probs": [round(float(p), 4) for p in r.pattern[0]],
-                       "routing": {EXPERTS[i]: round(float(w[i]), 4) for i in range(len(w)) if w[i] > 0}})
-    if args.report:
-        Path(args.report).write_text(json.dumps({"checkpoint": str(ck), "images": report}, indent=2))
-    ok = len(files) - failed
-    print(f"{ok} derained into {out}, {failed} failed", file=sys.stderr)
-    return 1 if failed and not ok else (2 if failed else 0)
+            print(f"skipped {p}: {problem}", file=sys.stderr)
+            report.append({"file": str(p), "status": "error", "error": problem})
+    ck = args.checkpoint
+    todo = list(zip(good, outputs))
+    interrupted = False
+    restore_term = _install_sigterm()
+    try:
+        if todo:
+            d, ck = _load_derainer(args)
+            e = d.model.config.num_experts
+            if args.expert is not None and not 0 <= args.expert < e:
+                raise UsageError(f"--expert {args.expert} is out of range: this model has {e} experts (0..{e - 1}: "
+                                 + ", ".join(EXPERTS[:e]) + ")")
+            if args.top_k > e:
+                raise UsageError(f"--top-k {args.top_k} is more than this model's {e} experts")
+            log = ResumeLog(out, _derain_settings(args, ck))
+            if not args.overwrite:
+                keep = [(f, dsts) for f, dsts in todo if not log.done(f, dsts)]
+                for f, dsts in todo:
+                    if (f, dsts) not in keep:
+                        skipped += 1
+                        report.append({"file": str(f), "output": str(dsts[0]), "status": "skipped",
+                                       "reason": "output complete and unchanged (use --overwrite to redo)"})
+                todo = keep
+        bar = tqdm(total=len(todo), desc="derain", unit="img", disable=args.quiet or not todo)
+        for f, dsts in todo:
+            try:
+                img, info = read_image_info(f)
+                r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None,
+                             overlap=args.overlap, self_ensemble=args.self_ensemble, passes=args.passes or None,
+                             check=args.check, progress=_tile_progress(bar, f))
+            except (ImageReadError, ValueError) as e:
+                failed += 1
+                tqdm.write(f"skipped {f}: {e}", file=sys.stderr)
+                report.append({"file": str(f), "status": "error", "error": str(e)})
+                bar.update(1)
+                continue
+            save_image(r.images[0], dsts[0], icc_profile=info["icc_profile"])
+            if args.save_mask:
+                save_image(r.masks[0], dsts[1])
+            log.record(f, dsts)
+            w = r.routing[0]
+            report.append({"file": str(f), "output": str(dsts[0]), "status": "ok", "seconds": round(r.seconds, 4),
+                           "perceived_by": r.perceived_by, "pattern": describe(r.pattern[0]),
+                           "pattern_probs": [round(float(p), 4) for p in r.pattern[0]],
+                           "routing": {EXPERTS[i]: round(float(w[i]), 4) for i in range(len(w)) if w[i] > 0}})
+            bar.update(1)
+        bar.close()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        restore_term()
+        finished = {r["file"] for r in report}
+        left = [str(f) for f, _ in todo if str(f) not in finished]
+        for f in left:
+            report.append({"file": f, "status": "interrupted" if interrupted else "not-run"})
+        if args.report and (good or report):
+            from .imageio import atomic_write_bytes
+            text = json.dumps({"checkpoint": str(ck) if ck else None, "interrupted": interrupted,
+                               "images": report}, indent=2)
+            atomic_write_bytes(args.report, lambda tmp: Path(tmp).write_text(text))
+    ok = sum(r["status"] == "ok" for r in report)
+    print(f"{ok} derained into {out}, {skipped} skipped (already done), {failed} failed"
+          + (f", {len(left)} left: interrupted, rerun the same command to resume" if interrupted else ""),
+          file=sys.stderr)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if failed:
+        return EXIT_PARTIAL if ok + skipped else EXIT_FAILED
+    return EXIT_OK
+
+
+def _tile_progress(bar, f):
+    """Per-tile progress of one large image on the bar's postfix (a 20-MP photo is many tiles)."""
+    def step(i, n):
+        if n > 1 and not bar.disable:
+            bar.set_postfix_str(f"{f.name}: tile {i}/{n}")
+    return step
 
 
 def cmd_eval(args):
@@ -80,16 +220,40 @@ def cmd_info(args):
 
 def cmd_train(args):
     from .train import TrainConfig, train
-    cfg = TrainConfig.from_toml(args.config, args.overrides)
-    print(train(cfg))
-    return 0
+    if args.config and "=" in args.config and not Path(args.config).exists():  # `cliprpn train steps=10 ...`
+        args.overrides, args.config = [args.config, *args.overrides], None
+    try:
+        cfg = TrainConfig.from_toml(args.config, args.overrides)
+    except OSError as e:
+        raise UsageError(f"config {args.config}: {e.strerror or e}") from e
+    except ValueError as e:  # tomllib's syntax errors are ValueErrors too
+        raise UsageError(f"{args.config or 'overrides'}: {e}") from e
+    seen = {}
+    path = train(cfg, on_trainer=lambda t: seen.update(t=t))
+    t = seen["t"]
+    if t.interrupted:
+        print(f"interrupted at step {t.step} of {cfg.steps}: training state saved in {t.state_path}, the EMA weights "
+              f"so far in {path}; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if t.step < cfg.steps:
+        print(f"stopped at step {t.step} of {cfg.steps} (max_minutes); run the same command again to continue",
+              file=sys.stderr)
+    print(path)
+    return EXIT_OK
 
 
 def cmd_synth(args):
+    import warnings
+
     from .data import write_labelled_set
-    write_labelled_set(args.clean, args.output, args.count, args.size, args.seed, args.style)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_labelled_set(args.clean, args.output, args.count, args.size, args.seed, args.style,
+                           progress=not getattr(args, "quiet", False))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"{args.count} labelled pairs in {args.output}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_fetch_clip(args):
@@ -100,33 +264,50 @@ def cmd_fetch_clip(args):
 
 def build_parser():
     from .inference import DEFAULT_OVERLAP
-    p = argparse.ArgumentParser(prog="cliprpn", description="CLIP-RPN adaptive deraining")
+    from .config import MAX_PASSES
+    from .patterns import EXPERTS
+    p = argparse.ArgumentParser(prog="cliprpn", description="CLIP-RPN adaptive deraining", epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("derain", help="derain image files or folders")
-    d.add_argument("inputs", nargs="+", help="image files and/or folders")
-    d.add_argument("-o", "--output", required=True, help="output folder (same file names, .png)")
+    d = sub.add_parser("derain", help="derain image files or folders", epilog=EXIT_CODES,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Derain images into a folder of 8-bit PNGs (same names, .png). A rerun skips the "
+                                   "outputs that are complete and unchanged and redoes the rest; Ctrl-C keeps what "
+                                   "finished. EXIF orientation is applied; an ICC colour profile is carried over.")
+    d.add_argument("inputs", nargs="+",
+                   help="image files, folders (non-recursive), globs ('shots/*.jpg') and list files (.txt, one path a line)")
+    d.add_argument("-o", "--output", required=True,
+                   help="output folder (must not be an input folder, unless --in-place)")
+    d.add_argument("--in-place", action="store_true",
+                   help="allow -o to be an input folder: a derained PNG then replaces its own original")
+    d.add_argument("--overwrite", action="store_true", help="redo images whose output is already complete")
+    d.add_argument("--keep-ext", action="store_true",
+                   help="name outputs NAME.EXT.png (a.jpg -> a.jpg.png) so a.jpg and a.png do not collide")
     d.add_argument("--checkpoint", help="CLIP-RPN .safetensors (default: the shipped model)")
     d.add_argument("--clip", help="CLIP weights: <ARCH>__<TAG>.safetensors file or open_clip folder")
     d.add_argument("--clip-arch", help="open_clip architecture if the CLIP file name does not carry it")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    d.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: automatic for large images)")
-    d.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
+    d.add_argument("--tile", type=int_in(MIN_TILE, MAX_TILE, zero_ok=True), default=0,
+                   help=f"tile size in pixels, 0 or {MIN_TILE}..{MAX_TILE} (0: whole image, tiled automatically above 2 MP)")
+    d.add_argument("--overlap", type=int_in(0, MAX_OVERLAP), default=DEFAULT_OVERLAP,
+                   help=f"tile overlap in pixels, 0..{MAX_OVERLAP} and below half the tile")
     d.add_argument("--self-ensemble", action="store_true",
                    help="average the image and its 3 flips (4 runs: a little cleaner, 4x slower)")
     d.add_argument("--check", action="store_true",
                    help="expert check: restore with the two best-ranked experts and keep the runner-up where the "
                         "model finds clearly less rain left in its output (about 3x slower)")
-    d.add_argument("--top-k", type=int, default=1, help="experts per image")
-    d.add_argument("--passes", type=int, default=0,
-                   help="restoration passes (0: the model's own setting; each pass restores the previous output)")
-    d.add_argument("--expert", type=int, default=None, help="force one expert (index) for every image")
+    d.add_argument("--top-k", type=int_in(1, len(EXPERTS)), default=1, help=f"experts per image, 1..{len(EXPERTS)}")
+    d.add_argument("--passes", type=int_in(1, MAX_PASSES, zero_ok=True), default=0,
+                   help=f"restoration passes, 0..{MAX_PASSES} (0: the model's own setting; each pass restores the "
+                        "previous output)")
+    d.add_argument("--expert", type=int_in(0, len(EXPERTS) - 1), default=None,
+                   help="force one expert for every image: " + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS)))
     d.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png")
     d.add_argument("--report", help="write per-image pattern, routing and seconds as JSON")
-    d.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    d.add_argument("--threads", type=int_in(1, 1024, zero_ok=True), default=0, help="CPU threads (0: torch default)")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(fn=cmd_derain)
-    e = sub.add_parser("eval", help="Y-PSNR/SSIM of predictions against ground truth (same names)")
+    e = sub.add_parser("eval", help="Y-PSNR/SSIM of predictions against ground truth (same names)", epilog=EXIT_CODES)
     e.add_argument("--pred", required=True)
     e.add_argument("--gt", required=True)
     e.add_argument("--rain", help="the rainy inputs (same names): also report the rain_left diagnostic")
@@ -137,16 +318,18 @@ def build_parser():
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint")
     i.set_defaults(fn=cmd_info)
-    t = sub.add_parser("train", help="train from a TOML config with key=value overrides")
+    t = sub.add_parser("train", help="train from a TOML config with key=value overrides", epilog=EXIT_CODES
+                       + "; an interrupted run saves its state and resumes when the same command is run again")
     t.add_argument("config", nargs="?")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=cmd_train)
-    s = sub.add_parser("synth", help="write a labelled synthetic rain set (rain/, gt/, mask/, labels.json)")
-    s.add_argument("clean", nargs="+", help="folders of clean photos")
+    s = sub.add_parser("synth", help="write a labelled synthetic rain set (rain/, gt/, mask/, labels.json)",
+                       epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("clean", nargs="+", help="folders of clean photos (unreadable files are skipped with a warning)")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("-n", "--count", type=int, default=100)
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", "--count", type=int_in(1, 10_000_000), default=100, help="pairs to write, >= 1")
+    s.add_argument("--size", type=int_in(32, 4096), default=256, help="square crop side in pixels, 32..4096")
+    s.add_argument("--seed", type=int_in(0), default=0)
     s.add_argument("--style", default="classic", choices=["classic", "calibrated"],
                    help="streak style (see cliprpn_core.synthesis.synthesize)")
     s.set_defaults(fn=cmd_synth)
@@ -160,15 +343,23 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad value exits 2 with argparse's one-line message
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError, ImportError) as e:
+        return EXIT_INTERRUPTED
+    except ValueError as e:  # UsageError, PlanError, DeviceError: the command line must change
+        from .inference import DeviceError
+        from .runfiles import PlanError
+        if isinstance(e, (UsageError, PlanError, DeviceError)):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except (OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

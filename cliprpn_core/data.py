@@ -81,7 +81,19 @@ class SyntheticSource:
         for f in [folders] if isinstance(folders, (str, Path)) else folders:
             f = Path(f)
             files += images_under(f) if f.is_dir() else list_images(f)
-        self.images = [_to_tensor(a) for a in (load_rgb_uint8(p) for p in files) if min(a.shape[:2]) >= min_side]
+        self.images, self.unreadable = [], []
+        for p in files:
+            try:
+                a = load_rgb_uint8(p)
+            except Exception as e:  # PIL raises many types for a broken file: skip it, say so
+                self.unreadable.append(f"{p} ({type(e).__name__}: {e})")
+                continue
+            if min(a.shape[:2]) >= min_side:
+                self.images.append(_to_tensor(a))
+        if self.unreadable:
+            import warnings
+            warnings.warn(f"skipped {len(self.unreadable)} unreadable image(s): " + "; ".join(self.unreadable[:3]),
+                          stacklevel=2)
         if not self.images:
             raise FileNotFoundError(f"no clean images of at least {min_side}px in {folders}")
         self.regime_probs = regime_probs

@@ -40,23 +40,40 @@ def list_images(inputs) -> list[Path]:
 
 
 def read_image(path) -> torch.Tensor:
-    """File -> float tensor [C,H,W] in 0..1 (C = 1, 3 or 4 as stored; palette/16-bit converted)."""
+    """File -> float tensor [C,H,W] in 0..1 (C = 1, 3 or 4 as stored; palette/16-bit converted),
+    turned upright by its EXIF orientation."""
+    return read_image_info(path)[0]
+
+
+def read_image_info(path) -> tuple[torch.Tensor, dict]:
+    """:func:`read_image` plus what the output should carry over: ``{"icc_profile": bytes | None}``.
+
+    - EXIF orientation is applied (a phone photo comes out the way it is shown), and not carried over;
+    - an embedded ICC colour profile is returned unchanged: the pixel values are restored in the
+      photo's own colour space and the output is tagged with the same profile (no conversion);
+    - 16-bit grayscale keeps its precision on read (outputs are 8-bit PNG, as the protocol
+      requires); 16-bit RGB files are read at 8 bits per channel (what Pillow decodes)."""
+    from PIL import ImageOps
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(f"{path}: file is empty (0 bytes)")
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I"):
+            icc = im.info.get("icc_profile") or None
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode != "I" else max(1.0, float(np.asarray(im).max())))
-                return torch.from_numpy(a)[None].clamp(0, 1)
+                return torch.from_numpy(a)[None].clamp(0, 1), {"icc_profile": icc}
             if im.mode not in ("L", "RGB", "RGBA"):
                 im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
             a = np.array(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageReadError):
+            raise
         raise ImageReadError(f"{path}: not a readable image ({e})") from e
     t = torch.from_numpy(a).float().div_(255)
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    return (t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()), {"icc_profile": icc}
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -91,13 +108,15 @@ def atomic_write_bytes(path, write_fn):
         raise
 
 
-def save_image(img: torch.Tensor, path, fmt: str | None = None):
-    """Save [C,H,W] 0..1 as 8-bit image (PNG unless the suffix says otherwise), atomically."""
+def save_image(img: torch.Tensor, path, fmt: str | None = None, icc_profile: bytes | None = None):
+    """Save [C,H,W] 0..1 as 8-bit image (PNG unless the suffix says otherwise), atomically; tagged
+    with ``icc_profile`` when given (the input's colour profile)."""
     a = to_uint8(img)
     im = Image.fromarray(a)
     fmt = fmt or (Path(path).suffix.lstrip(".").upper() or "PNG")
     fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
-    atomic_write_bytes(path, lambda tmp: im.save(tmp, format=fmt))
+    kw = {"icc_profile": icc_profile} if icc_profile else {}
+    atomic_write_bytes(path, lambda tmp: im.save(tmp, format=fmt, **kw))
 
 
 def load_rgb_uint8(path) -> np.ndarray:

@@ -33,9 +33,35 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+class DeviceError(ValueError):
+    """The device asked for is not a device name, or is not present on this machine."""
+
+
+def resolve_device(name="auto") -> torch.device:
+    """'auto' -> the first CUDA GPU if torch sees one, else the CPU. Other names (cpu, cuda, cuda:N, mps)
+    are checked against this machine: DeviceError says what is there instead of failing later."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import re
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    if not m:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceError(f"device {name!r}: torch {torch.__version__} ({build}) sees no CUDA GPU on this machine; "
+                              "use cpu (or auto, which picks a GPU when there is one)")
+        n = torch.cuda.device_count()
+        if index is not None and int(index) >= n:
+            raise DeviceError(f"device {name!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {name!r}: Apple's MPS backend is not available here; use cpu or auto")
+    elif kind == "cpu" and index not in (None, "0"):
+        raise DeviceError(f"device {name!r}: there is one CPU device; use cpu")
     return torch.device(name)
 
 

@@ -76,12 +76,22 @@ def _same_shape(a, b):
                          "outputs must be saved at exactly the input size")
 
 
+def _read(path, what):
+    """8-bit RGB of an image file, or ValueError naming the file when it cannot be decoded."""
+    from .imageio import load_rgb_uint8
+    try:
+        return load_rgb_uint8(path)
+    except Exception as e:  # PIL raises many types for a broken file
+        raise ValueError(f"{what} {path} is not a readable image ({type(e).__name__}: {e}); "
+                         "replace it (e.g. derain that image again) and rerun") from e
+
+
 def evaluate_folders(pred_dir, gt_dir, progress=True, rain_dir=None):
     """Per-image and mean Y-PSNR/SSIM over files with the same names in two folders; with the rainy
     inputs' folder also the `rain_left` diagnostic (share of the rain the outputs still carry)."""
     from pathlib import Path
 
-    from .imageio import IMAGE_EXTS, load_rgb_uint8
+    from .imageio import IMAGE_EXTS
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     gts = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
@@ -100,14 +110,17 @@ def evaluate_folders(pred_dir, gt_dir, progress=True, rain_dir=None):
                 missing.append(g.name)
                 continue
             p = cands[0]
-        a, b = load_rgb_uint8(p), load_rgb_uint8(g)
+        a, b = _read(p, "prediction"), _read(g, "ground truth")
+        if a.shape != b.shape:
+            raise ValueError(f"prediction {p} is {a.shape[1]}x{a.shape[0]} but its ground truth {g} is "
+                             f"{b.shape[1]}x{b.shape[0]}; predictions must keep the ground truth's size")
         row = {"name": g.name, "psnr": psnr_y(a, b), "ssim": ssim_y(a, b)}
         if rain_dir is not None:
             r = Path(rain_dir) / g.name
             if not r.exists():
                 raise FileNotFoundError(f"no rainy input {r} for ground truth {g.name}: the rain folder must use "
                                         "the ground truth's file names")
-            row["rain_left"] = rain_left(a, load_rgb_uint8(r), b)
+            row["rain_left"] = rain_left(a, _read(r, "rainy input"), b)
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no predictions in {pred_dir} match the names in {gt_dir}")

@@ -99,12 +99,29 @@ class TrainConfig:
         bad = set(d) - known
         if bad:
             raise ValueError(f"unknown training options {sorted(bad)}; known: {sorted(known)}")
+        _check_types(d)
         cfg = cls(**d)
         if cfg.loss_preset:
             if cfg.loss_preset not in PRESETS:
                 raise ValueError(f"unknown loss preset {cfg.loss_preset!r}; known: {sorted(PRESETS)}")
             cfg.loss = dict(PRESETS[cfg.loss_preset])
         return cfg
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a table"}
+
+
+def _check_types(d: dict) -> None:
+    """Each option has its default's type (an int is a float too); ValueError naming the option otherwise."""
+    defaults = TrainConfig()
+    for k, v in d.items():
+        want = type(getattr(defaults, k))
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+              isinstance(v, int) and not isinstance(v, bool) if want is int else isinstance(v, want))
+        if not ok:
+            raise ValueError(f"training option {k} must be {_TYPE_NAMES.get(want, want.__name__)}, got {v!r}")
 
 
 def lr_at(step, cfg: TrainConfig):
@@ -413,6 +430,7 @@ class Trainer:
                     torch.distributed.all_reduce(flag)
                     self._stop = bool(flag.item())
         finally:
+            self.interrupted = self._stop and self.step < cfg.steps
             bar.close()
             self.save_state()
             self.plot()
@@ -433,9 +451,15 @@ class Trainer:
         atomic_write_bytes(self.out / "loss_curve.png", lambda tmp: im.save(tmp, format="PNG"))
 
 
-def train(cfg: TrainConfig, progress=True):
+def train(cfg: TrainConfig, progress=True, on_trainer=None):
+    """Train to ``cfg.out_dir`` and return the model path. ``on_trainer(trainer)`` is called after
+    ``fit`` (also after Ctrl-C, which ``fit`` turns into a saved, resumable stop: ``trainer.interrupted``)."""
     try:
-        return Trainer(cfg, progress=progress).fit()
+        trainer = Trainer(cfg, progress=progress)
+        path = trainer.fit()
+        if on_trainer is not None:
+            on_trainer(trainer)
+        return path
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

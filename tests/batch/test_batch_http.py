@@ -206,7 +206,7 @@ def test_cli_in_process_with_tiny_model(tmp_path, images, tiny_ckpt, capsys):
     out = tmp_path / "out"
     rc = B.main([str(images[0].parent), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
                  "--device", "cpu"])
-    assert rc == 2  # one bad input
+    assert rc == 3  # one bad input
     doc = json.loads((out / "batch_report.json").read_text())
     assert doc["mode"] == "in-process" and doc["summary"]["counts"] == {"done": len(images), "error": 1}
     row = next(r for r in doc["images"] if r["status"] == "done")
@@ -214,7 +214,7 @@ def test_cli_in_process_with_tiny_model(tmp_path, images, tiny_ckpt, capsys):
     assert Image.open(out / images[0].name).size == Image.open(images[0]).size
     rc = B.main([str(images[0].parent), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
                  "--device", "cpu"])
-    assert rc == 2 and f"{len(images)} skipped" in capsys.readouterr().err
+    assert rc == 3 and f"{len(images)} skipped" in capsys.readouterr().err
     out2 = tmp_path / "checked"
     rc = B.main([str(images[0]), "-o", str(out2), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
                  "--device", "cpu", "--check"])
