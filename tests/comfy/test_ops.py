@@ -286,3 +286,12 @@ def test_finetune_rejects_bad_arguments(ops, tiny):
 def test_loss_chart_is_an_image(ops):
     im = ops.loss_chart({"total": [1.0, 0.5, 0.25], "ssim": [0.3, 0.2, 0.1]}, "t")
     assert im.shape[0] == 1 and im.shape[-1] == 3 and float(im.min()) < 0.5 < float(im.max())
+
+
+def test_finetune_on_a_single_16px_pair_with_a_larger_patch(ops, tiny):
+    """The smallest pair the node accepts, with the default 128-px patch: crops shrink to the image, no error."""
+    rainy, clean = _pairs(ops, n=1, size=16)
+    res = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-4, patch=128, batch_size=4)
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in res.history.values())
+    with pytest.raises(ValueError, match="at least 16x16"):
+        ops.check_pairs(torch.rand(1, 3, 15, 15), torch.rand(1, 3, 15, 15))
