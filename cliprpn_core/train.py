@@ -36,6 +36,7 @@ class TrainConfig:
     grow: bool = False  # init may have fewer blocks than `model`: the added blocks start as the identity
     trainable: list = field(default_factory=list)  # parameter-name prefixes to train (empty: all)
     misroute_fraction: float = 0.0  # share of samples routed by the model's own router, not their label
+    route_all_to: int = -1  # >= 0: every sample goes through this one expert (the unrouted control; no misrouting)
     clean_dirs: list = field(default_factory=list)  # synthetic rain over these
     pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
@@ -185,6 +186,9 @@ class Trainer:
                                      f"{sorted({n.split('.')[0] for n in names})}")
             for n, p in self.model.named_parameters():
                 p.requires_grad_(any(under(n, pre) for pre in cfg.trainable))
+        if not -1 <= cfg.route_all_to < self.model.config.num_experts:
+            raise ValueError(f"route_all_to must be -1 (routing on) or an expert index 0..{self.model.config.num_experts - 1}, "
+                             f"got {cfg.route_all_to}")
         if not 0.0 <= cfg.misroute_fraction <= 1.0:
             raise ValueError(f"misroute_fraction must be in [0, 1], got {cfg.misroute_fraction}")
         # perception is trained (and run) only while any of it is trainable
@@ -256,9 +260,10 @@ class Trainer:
         if self.cfg.channels_last:
             rainy = rainy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            routing = F.one_hot(batch.expert, self.model.config.num_experts).float()  # synthetic labels route
+            expert = batch.expert if self.cfg.route_all_to < 0 else torch.full_like(batch.expert, self.cfg.route_all_to)
+            routing = F.one_hot(expert, self.model.config.num_experts).float()  # synthetic labels route
             pick = None
-            if self.cfg.misroute_fraction > 0:
+            if self.cfg.misroute_fraction > 0 and self.cfg.route_all_to < 0:
                 # train as the model is used: some samples go where the model's own router sends them,
                 # so an expert also learns to do no harm on rain it is sent by mistake (decided inside
                 # the forward, from the same pattern-head pass that perception's losses use)

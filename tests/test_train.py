@@ -316,3 +316,15 @@ def test_two_pass_training_from_a_one_pass_model(tmp_path, data_dirs):
     t.cfg.pass_aux_weight = 0.5
     t.fit()
     assert load_model(tmp_path / "run" / "model.safetensors").config.passes == 2
+
+
+def test_route_all_to_trains_one_expert_only(tmp_path, data_dirs):
+    """The unrouted control: every sample through one expert; the other experts get no update."""
+    t = Trainer(_cfg(tmp_path, data_dirs, steps=2, route_all_to=1, misroute_fraction=0.5), progress=False)
+    before = {k: v.detach().clone() for k, v in t.model.state_dict().items() if k.startswith("experts.")}
+    t.fit()
+    after = t.model.state_dict()
+    changed = {k.split(".")[1] for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed == {"1"}
+    with pytest.raises(ValueError, match="route_all_to must be -1"):
+        Trainer(_cfg(tmp_path, data_dirs, route_all_to=9), progress=False)
