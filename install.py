@@ -1,11 +1,110 @@
-"""Run by ComfyUI-Manager after installing the pack. Idempotent, quiet, never pip-installs
-(requirements.txt is for that): it only makes sure the model folder exists and that the
-shipped default model is present and readable."""
+"""Run by ComfyUI-Manager (and comfy-cli) after `pip install -r requirements.txt`. Idempotent and quiet.
+
+1. Makes sure ComfyUI's models/clip_rpn folder exists and the shipped default model is present.
+2. Optional CLIP perception: open_clip_torch (and timm, which it uses for some CLIP models) need
+   torchvision, and installing them with their dependencies into a Python that lacks torchvision pulls a
+   torchvision from PyPI, which can bring a different torch and replace ComfyUI's (often a CUDA build).
+   So they are never in requirements.txt; here they are installed with ``--no-deps`` (their pure-Python
+   dependencies are in requirements.txt) and only when a torchvision matching the installed torch is
+   already there. Otherwise nothing is installed and one line says how to enable CLIP: the model's
+   built-in pattern head perceives the rain without it. torch and torchvision are never installed,
+   upgraded or removed. Set CLIPRPN_NO_PIP=1 to skip every pip call.
+
+The decision is the pure function ``clip_plan`` (tested with mocked versions in tests/test_packaging.py)."""
+from __future__ import annotations
+
 import os
+import re
+import subprocess
 import sys
+from dataclasses import dataclass, field
+from importlib import metadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = os.path.join(HERE, "models", "clip_rpn_default.safetensors")
+CLIP_PACKAGES = ("open_clip_torch>=2.24", "timm>=1.0")  # installed with --no-deps
+TAG = "[CLIP-RPN]"
+
+
+@dataclass
+class Plan:
+    action: str  # "none" (already there), "install" (pip install --no-deps packages) or "skip"
+    message: str = ""
+    packages: list[str] = field(default_factory=list)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+(?:\.\d+)*)", version or "")
+    return tuple(int(p) for p in m.group(1).split(".")) if m else ()
+
+
+def _local(version: str) -> str:
+    """The local tag of a version ('2.5.1+cu121' -> 'cu121'; '' for a plain PyPI build)."""
+    return version.split("+", 1)[1] if "+" in (version or "") else ""
+
+
+def matching_torchvision(torch_version: str) -> str | None:
+    """The torchvision release series built for a torch 2.x ('2.5.1+cu121' -> '0.20'); torchvision
+    0.(m+15) pairs with torch 2.m (0.15 with 2.0, ..., 0.29 with 2.14). None for other torch majors."""
+    r = _release(torch_version)
+    if len(r) < 2 or r[0] != 2:
+        return None
+    return f"0.{r[1] + 15}"
+
+
+def torchvision_matches(torch_version: str, tv_version: str) -> bool:
+    want = matching_torchvision(torch_version)
+    if want is None or _release(tv_version)[:2] != _release(want)[:2]:
+        return False
+    lt, lv = _local(torch_version), _local(tv_version)
+    return not (lt and lv and lt != lv)  # a +cu121 torch with a +cpu torchvision does not match
+
+
+def _enable_hint(torch_version: str) -> str:
+    series = matching_torchvision(torch_version)
+    tag = _local(torch_version)
+    index = f" --index-url https://download.pytorch.org/whl/{tag}" if tag else ""
+    tv = f'pip install "torchvision=={series}.*"{index}' if series else "install the torchvision built for your torch"
+    clip = " ".join(f'"{p}"' for p in CLIP_PACKAGES)
+    return f"To enable it, in ComfyUI's Python: {tv}, then pip install --no-deps {clip}"
+
+
+def clip_plan(torch_version: str | None, tv_version: str | None, open_clip_version: str | None,
+              timm_version: str | None = None, no_pip: bool = False) -> Plan:
+    """What to do about the optional CLIP packages, from the installed versions (None = not installed)."""
+    if open_clip_version and _release(open_clip_version) >= (2, 24) and timm_version:
+        return Plan("none")
+    if torch_version is None:
+        return Plan("skip", f"{TAG} torch is not installed in this Python; install ComfyUI's requirements first. "
+                            "CLIP perception is off (the built-in pattern head is used).")
+    pkgs = [p for p, have in zip(CLIP_PACKAGES, (open_clip_version, timm_version))
+            if not have or (p.startswith("open_clip") and _release(have) < (2, 24))]
+    if tv_version is None:
+        return Plan("skip", f"{TAG} torchvision is not installed (torch {torch_version}), so open_clip_torch is not "
+                            "installed: pip would fetch a torchvision from PyPI that can replace your torch. CLIP "
+                            "perception is off; the model's built-in pattern head perceives the rain. "
+                            + _enable_hint(torch_version), pkgs)
+    if not torchvision_matches(torch_version, tv_version):
+        return Plan("skip", f"{TAG} torchvision {tv_version} does not match torch {torch_version} (expected "
+                            f"{matching_torchvision(torch_version) or '?'}.x with the same build tag), so open_clip_torch "
+                            "is not installed. CLIP perception is off; the built-in pattern head is used. "
+                            + _enable_hint(torch_version), pkgs)
+    if no_pip:
+        return Plan("skip", f"{TAG} CLIPRPN_NO_PIP is set: not installing {' '.join(pkgs)} (CLIP perception is off "
+                            "until you do: pip install --no-deps " + " ".join(f'"{p}"' for p in pkgs) + ")", pkgs)
+    return Plan("install", f"{TAG} installing {' '.join(pkgs)} with --no-deps (torch {torch_version} and "
+                           f"torchvision {tv_version} are kept)", pkgs)
+
+
+def installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pip_command(packages: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *packages]
 
 
 def _comfy_models_dir():
@@ -16,14 +115,24 @@ def _comfy_models_dir():
 
 
 def main():
+    rc = 0
     models = _comfy_models_dir()
     if models:
         os.makedirs(os.path.join(models, "clip_rpn"), exist_ok=True)
     if not os.path.isfile(DEFAULT) or os.path.getsize(DEFAULT) < 1024:
-        print(f"[CLIP-RPN] the shipped model {DEFAULT} is missing or incomplete "
+        print(f"{TAG} the shipped model {DEFAULT} is missing or incomplete "
               "(git-lfs not installed?); reinstall the pack", file=sys.stderr)
-        return 1
-    return 0
+        rc = 1
+    plan = clip_plan(installed("torch"), installed("torchvision"), installed("open_clip_torch"), installed("timm"),
+                     no_pip=bool(os.environ.get("CLIPRPN_NO_PIP")))
+    if plan.message:
+        print(plan.message, file=sys.stderr if plan.action == "skip" else sys.stdout)
+    if plan.action == "install":
+        r = subprocess.run(pip_command(plan.packages), check=False)
+        if r.returncode != 0:
+            print(f"{TAG} pip could not install {' '.join(plan.packages)}; CLIP perception stays off "
+                  "(the built-in pattern head is used)", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
