@@ -158,12 +158,21 @@ def tile_grid(h, w, tile, overlap, multiple):
 
 
 def run_tiled(fn: Callable, x: torch.Tensor, tile: int | None, overlap: int, multiple: int,
-              out_channels: tuple[int, ...], progress: Callable | None = None):
+              out_channels: tuple[int, ...], progress: Callable | None = None, preview: Callable | None = None):
     """Apply ``fn(tile) -> tuple of [B,c,th,tw]`` over feathered overlapping tiles of a padded
-    batch. ``tile=None`` or a tile covering the image runs once."""
+    batch. ``tile=None`` or a tile covering the image runs once.
+
+    ``preview``, when given, is called after each tile (before ``progress``) with ``get(stride=1)``, which
+    returns the first output blended so far and where it is covered, ``(out [B,c,h',w'], covered [1,1,h',w']
+    bool)``, on every ``stride``-th pixel; nothing is computed unless ``get`` is called (a caller showing
+    previews calls it at most every so often)."""
     b, _, h, w = x.shape
     if not tile or (tile >= h and tile >= w):
         outs = fn(x)
+        if preview:
+            o = outs[0]
+            preview(lambda stride=1: (o[..., ::stride, ::stride].float(),
+                                      torch.ones(1, 1, *o[..., ::stride, ::stride].shape[-2:], dtype=torch.bool)))
         if progress:
             progress(1, 1)
         return outs
@@ -179,9 +188,27 @@ def run_tiled(fn: Callable, x: torch.Tensor, tile: int | None, overlap: int, mul
         for a, o in zip(acc, outs):
             a[..., y0:y0 + th, x0:x0 + tw] += o.to(a.device, torch.float32) * wt  # tiles may run on the GPU
         wsum[..., y0:y0 + th, x0:x0 + tw] += wt
+        if preview:
+            preview(lambda stride=1: (acc[0][..., ::stride, ::stride] / wsum[..., ::stride, ::stride].clamp_min(1e-8),
+                                      wsum[..., ::stride, ::stride] > 0))
         if progress:
             progress(i + 1, len(grid))
     return tuple(a / wsum for a in acc)
+
+
+def _preview_of(preview: Callable | None, h: int, w: int, fill: Callable, dims: tuple = ()) -> Callable | None:
+    """Adapts ``preview(image)`` to run_tiled's ``preview(get)``: ``image(max_side=None)`` -> the blend so far,
+    completed by ``fill(out, covered, stride)``, cropped to ``h`` x ``w``, flipped back over ``dims``, on the CPU."""
+    if preview is None:
+        return None
+
+    def on_tile(get):
+        def image(max_side=None):
+            s = max(1, -(-max(h, w) // int(max_side))) if max_side else 1
+            o, covered = get(s)
+            return fill(o.float(), covered.to(o.device), s)[..., :-(-h // s), :-(-w // s)].flip(dims).clamp(0, 1).cpu()
+        preview(image)
+    return on_tile
 
 
 def count_tiles(h, w, tile, overlap, multiple) -> int:
@@ -268,21 +295,25 @@ class Derainer:
         return tile or None
 
     @torch.inference_mode()
-    def estimate_mask(self, images, tile=None, overlap=DEFAULT_OVERLAP, progress=None):
+    def estimate_mask(self, images, tile=None, overlap=DEFAULT_OVERLAP, progress=None, preview=None):
+        """Rain masks [B,1,H,W] (0..1). ``preview``: called after each tile with ``image(max_side=None)``,
+        which returns the image's mask so far [1,1,h',w'] on the CPU (0 where not yet estimated), its
+        longer side at most ``max_side``; nothing is computed unless it is called."""
         rgb, _, _, h, w = self._prep(images)
         tile = self._auto_tile(tile, h, w)
         out = []
         for i in range(rgb.shape[0]):  # one image at a time bounds memory on large batches
             fn = lambda t: (torch.sigmoid(self.model.estimate_mask(  # noqa: E731
                 t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)).float()),)
-            (m,) = run_tiled(fn, rgb[i:i + 1], tile, overlap, self.multiple, (1,), progress)
+            (m,) = run_tiled(fn, rgb[i:i + 1], tile, overlap, self.multiple, (1,), progress,
+                             _preview_of(preview, h, w, lambda o, covered, s: o * covered))
             out.append(m[..., :h, :w].cpu())
         return torch.cat(out)
 
     @torch.inference_mode()
     def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
                override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False,
-               passes=None, check=False, check_ratio=CHECK_RATIO, ranking=None) -> DerainResult:
+               passes=None, check=False, check_ratio=CHECK_RATIO, ranking=None, preview=None) -> DerainResult:
         """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
         outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
         [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention.
@@ -298,7 +329,12 @@ class Derainer:
         (CHECK_EXPERTS: an image whose two best are not both streak experts is not checked). The ranking is
         ``ranking`` [B,E] (router logits, e.g. from an Expert Router node), else the nonzero weights of a
         given ``routing``, else the router's logits on the perceived pattern. A manual ``override`` is never
-        checked."""
+        checked.
+
+        ``preview``: called after each restored tile with ``image(max_side=None)``, which returns the image
+        being restored as it stands [1,3,h',w'] on the CPU (restored tiles blended in, the input elsewhere),
+        its longer side at most ``max_side``; nothing is computed unless it is called. The expert check's
+        residual-rain runs are not previewed."""
         t0 = time.perf_counter()
         if passes is not None:
             passes = check_passes(passes)  # before any work is done
@@ -360,7 +396,9 @@ class Derainer:
             fn = lambda t: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, passes)  # noqa: E731
             # flip the unpadded image so that padding stays at the bottom/right
             src = inp if not dims else _pad_to(inp[..., :h, :w].flip(dims), self.multiple)
-            oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step)
+            look = _preview_of(preview, h, w, lambda o, covered, s: torch.where(
+                covered, o, src[:, :3, ::s, ::s].to(o)), dims)
+            oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step, look)
             done[0] += n_tiles
             return oi[..., :h, :w].clamp(0, 1).cpu().flip(dims), mi_[..., :h, :w].cpu().flip(dims)
 

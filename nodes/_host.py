@@ -158,12 +158,54 @@ def check_cancel():
     mm.throw_exception_if_processing_interrupted()
 
 
-class Progress:
-    """ProgressBar that is also a Cancel checkpoint; ``self(done, total)`` fits the core callbacks."""
+PREVIEW_MAX = 512  # longer side of progress previews (ComfyUI's default --preview-size)
+PREVIEW_EVERY = 0.5  # seconds between two previews of one node (every tile would flood a fast GPU's socket)
 
-    def __init__(self, total: int = 1):
-        self.bar = comfy.utils.ProgressBar(max(1, int(total)))
+
+def preview_tuple(image: torch.Tensor, max_side: int = PREVIEW_MAX):
+    """[1,C,H,W] or [C,H,W] (0..1, C = 1 or 3) -> ComfyUI's progress preview ("JPEG", PIL image, max size)."""
+    from PIL import Image
+    t = image[0] if image.dim() == 4 else image
+    a = (t.detach().float().clamp(0, 1).mul(255).round().byte().movedim(0, -1).cpu().numpy())
+    pil = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a[..., :3]).convert("RGB")
+    return ("JPEG", pil, max_side)
+
+
+class Progress:
+    """ProgressBar that is also a Cancel checkpoint; ``self(done, total)`` fits the core callbacks.
+
+    ``offer(image)`` hands it a preview: ``image(max_side)`` -> [1,C,H,W] 0..1 (computed only when shown).
+    The next update shows it on the node (ComfyUI's ProgressBar preview, the one the KSampler uses, which
+    also reaches the new frontend's per-node progress); at most one preview every ``every`` seconds,
+    and always on the last update."""
+
+    def __init__(self, total: int = 1, every: float = PREVIEW_EVERY, clock=None):
+        import time
+        self.total = max(1, int(total))
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.every, self.clock = every, clock or time.monotonic
+        self._image, self._shown = None, None
+
+    def offer(self, image):
+        self._image = image
+
+    def show(self, image):
+        """Show ``image`` now, at the bar's end (the finished result, when the last tile shown was not it)."""
+        self.offer(image)
+        self(self.total, self.total)
 
     def __call__(self, done: int, total: int):
         check_cancel()
+        self.total = total
+        image, self._image = self._image, None
+        now = self.clock()
+        if image is not None and (self._shown is None or now - self._shown >= self.every or done >= total):
+            try:
+                preview = preview_tuple(image(PREVIEW_MAX))
+            except Exception as e:  # noqa: BLE001 - a preview must never fail the run
+                log.debug("CLIP-RPN: no preview: %s", e)
+            else:
+                self._shown = now
+                self.bar.update_absolute(done, total, preview)
+                return
         self.bar.update_absolute(done, total)

@@ -321,13 +321,16 @@ def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
              schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
              device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
-             perceive: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FinetuneResult:
+             perceive: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             preview: Callable[[Callable], None] | None = None) -> FinetuneResult:
     """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,3,H,W] 0..1, same sizes).
 
     Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
     e.g. CLIP) as a one-hot top-1, so the experts that would run on such rain are the ones
     trained. ``on_step(done, total)`` is called after each step (progress and Cancel: an
-    exception raised there aborts without touching ``model``)."""
+    exception raised there aborts without touching ``model``). ``preview``, when given, is called before
+    each ``on_step`` with ``image(max_side=None)`` -> the loss curve so far [1,3,H,W] (drawn only when
+    called)."""
     from ..cliprpn_core import losses as L
     if schedule not in L.PRESETS:
         raise ValueError(f"unknown loss schedule {schedule!r}; use one of {', '.join(L.PRESETS)}")
@@ -394,6 +397,8 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
         history["total"].append(float(total.detach()))
         for k, v in vals.items():
             history.setdefault(k, []).append(v)
+        if preview is not None:
+            preview(lambda max_side=None: loss_chart(history, f"fine-tune loss ({schedule})").movedim(-1, 1))
         if on_step is not None:
             on_step(step + 1, steps)
     net.eval().requires_grad_(False)

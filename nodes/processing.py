@@ -76,7 +76,7 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
             bar(done[0] + i, total)
             if i == n:
                 done[0] += n
-        return d.estimate_mask(x, tile=t, overlap=overlap, progress=step)
+        return d.estimate_mask(x, tile=t, overlap=overlap, progress=step, preview=bar.offer)
 
     m = ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
     return m[:, 0]
@@ -94,15 +94,25 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
     m = ops.mask_to_b1hw(mask)
 
     def run(t):
-        bar = [None]
+        bar, shown = [None], [None]  # the preview comes before the tile's progress step
 
         def step(i, n):
             if bar[0] is None:
                 bar[0] = H.Progress(n)
+            if shown[0] is not None:
+                bar[0].offer(shown[0])
+                shown[0] = None
             bar[0](i, n)
-        return d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
-                        tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble),
-                        passes=int(passes) or None, check=bool(expert_check), ranking=ranking)
+
+        def preview(image):
+            shown[0] = image
+        r = d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
+                     tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble),
+                     passes=int(passes) or None, check=bool(expert_check), ranking=ranking, preview=preview)
+        if bar[0] is not None and (expert_check or self_ensemble):
+            # the last tile shown was a candidate or one flip: show the kept (averaged) result
+            bar[0].show(lambda max_side: r.images[-1:, :3])
+        return r
 
     return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
 

@@ -117,7 +117,8 @@ class LossScheduledFinetune(io.ComfyNode):
             perceive = lambda x: d.perceive(x)[0]  # noqa: E731
         H.check_cancel()
         res = ops.finetune(model.model, r, c, steps=steps, lr=learning_rate, schedule=schedule, patch=patch_size,
-                           batch_size=batch_size, seed=seed, device=device, on_step=bar, perceive=perceive)
+                           batch_size=batch_size, seed=seed, device=device, on_step=bar, perceive=perceive,
+                           preview=bar.offer)
         last = {k: v[-1] for k, v in res.history.items() if v}
         report = f"fine-tuned {model.name} for {steps} steps ({schedule}); final " + \
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items())

@@ -43,7 +43,7 @@ def fake_comfy(monkeypatch, tmp_path):
 
     fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
 
-    state = types.SimpleNamespace(interrupt=False, loaded=[], progress=[])
+    state = types.SimpleNamespace(interrupt=False, loaded=[], progress=[], previews=[])
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = FakeInterrupt
     mm.get_torch_device = lambda: torch.device("cpu")
@@ -68,8 +68,10 @@ def fake_comfy(monkeypatch, tmp_path):
         def __init__(self, total):
             self.total = total
 
-        def update_absolute(self, value, total=None):
+        def update_absolute(self, value, total=None, preview=None):
             state.progress.append((value, total or self.total))
+            if preview is not None:
+                state.previews.append((value, preview))
     cu.ProgressBar = ProgressBar
 
     mp = types.ModuleType("comfy.model_patcher")

@@ -498,3 +498,60 @@ def test_interrupt_during_tiled_derain(srv):
     assert "execution_interrupted" in msgs, json.dumps(hist["status"])[:2000]
     assert msgs["execution_interrupted"]["node_type"] == "CLIPRPNCrossAttentionDerain"
     assert srv.alive() and srv.get("/system_stats")
+
+
+def test_long_nodes_send_preview_images(srv):
+    """Per-tile progress comes with a preview image (issue 22.3): the binary PREVIEW_IMAGE frames the
+    frontend draws on the running node (event 1, image type 1 = JPEG), here for the tiled derain, the
+    tiled mask estimator and the fine-tune (its loss curve)."""
+    import socket
+    import struct
+    import time
+    p = {"1": LOADER,
+         "2": {"class_type": "LoadImage", "inputs": {"image": "small.png"}},
+         "3": {"class_type": "CLIPRPNCrossAttentionDerain",
+               "inputs": {"model": ["1", 0], "image": ["2", 0], "top_k": 1, "temperature": 1.0, "tile": 32,
+                          "overlap": 8}},
+         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+         "5": {"class_type": "CLIPRPNMaskEstimator", "inputs": {"model": ["1", 0], "image": ["2", 0], "tile": 32,
+                                                                "overlap": 8}},
+         "6": {"class_type": "MaskPreview", "inputs": {"mask": ["5", 0]}}}
+    ft = _finetune_prompt(3, "")
+    p.update({"13": ft["3"] | {"inputs": {**ft["3"]["inputs"], "image": ["2", 0]}},
+              "14": ft["4"] | {"inputs": {**ft["4"]["inputs"], "model": ["1", 0], "rainy": ["13", 0],
+                                          "clean": ["2", 0]}},
+              "15": {"class_type": "PreviewImage", "inputs": {"images": ["14", 1]}}})
+    ws = srv.open_ws()
+    if ws is None:
+        pytest.skip("no websocket client available")
+    status, body = srv.queue(p)
+    assert status == 200, body
+    previews, running, done = {}, None, False
+    try:
+        t0 = time.time()
+        while not done and time.time() - t0 < cs.RUN_TIMEOUT:
+            try:
+                op, payload = ws.recv(timeout=30)
+            except socket.timeout:
+                break
+            if op == 1:
+                ev = json.loads(payload)
+                if ev["type"] == "executing":
+                    running = ev["data"].get("node")
+                done = ev["type"] in ("execution_success", "execution_error") and \
+                    ev["data"].get("prompt_id") == body["prompt_id"]
+            elif op == 2 and len(payload) > 8:
+                event, kind = struct.unpack(">II", payload[:8])
+                if event == 1:
+                    assert kind == 1 and payload[8:10] == b"\xff\xd8", "preview is not a JPEG"
+                    im = Image.open(io.BytesIO(payload[8:]))
+                    previews.setdefault(running, []).append(im.size)
+    finally:
+        ws.close()
+    assert done
+    hist = srv.wait(body["prompt_id"])
+    assert cs.status_str(hist) == "success", json.dumps(hist["status"])[:3000]
+    # ComfyUI scales every preview to fit --preview-size (512): the 64x64 image arrives as 512x512
+    assert previews.get("3") and all(w == h for w, h in previews["3"]), previews
+    assert previews.get("5") and all(w == h for w, h in previews["5"]), previews
+    assert previews.get("14") and all(w > h for w, h in previews["14"]), previews  # the loss curve
