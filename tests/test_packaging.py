@@ -173,8 +173,11 @@ def test_registry_metadata_basics():
 # -- .comfyignore -----------------------------------------------------------------------------------
 
 def _ignored(patterns: list[str], path: str) -> bool:
+    import warnings
     pathspec = pytest.importorskip("pathspec")  # what comfy-cli matches with (gitwildmatch)
-    return pathspec.PathSpec.from_lines("gitwildmatch", patterns).match_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pathspec 1.x renamed it; comfy-cli still uses it
+        return pathspec.PathSpec.from_lines("gitwildmatch", patterns).match_file(path)
 
 
 def _comfyignore() -> list[str]:
