@@ -107,19 +107,23 @@ REFUSED = [
 ]
 
 
+def _assert_refused(ws, capsys, argv, message):
+    """The command exits 2 with ``message``, no traceback, and leaves every file under ws as it was."""
+    before = _snapshot(ws)
+    with pytest.raises(SystemExit) as e_info:  # argparse's usage errors exit 2 themselves
+        raise SystemExit(main(argv))
+    assert e_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert _snapshot(ws) == before  # nothing written, nothing changed (inputs, files in the way)
+    assert not (ws / "out").exists()
+
+
 @pytest.mark.parametrize("case,build,message", REFUSED, ids=[c[0] for c in REFUSED])
 def test_derain_refuses_before_any_work(ws, tiny_ckpt, capsys, case, build, message):
     argv = build(ws)
-    before = _snapshot(ws)
-    with pytest.raises(SystemExit) as e_info:  # argparse's usage errors exit 2 themselves
-        raise SystemExit(main(["derain", *map(str, argv), "--checkpoint", str(tiny_ckpt), "-q"]
-                              + ([] if "--device" in argv else ["--device", "cpu"])))
-    assert e_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err
-    assert _snapshot(ws) == before  # nothing written, nothing changed (inputs, files in the way)
-    assert not (ws / "out").exists()
+    _assert_refused(ws, capsys, ["derain", *map(str, argv), "--checkpoint", str(tiny_ckpt), "-q"]
+                    + ([] if "--device" in argv else ["--device", "cpu"]), message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -368,10 +372,4 @@ BATCH_REFUSED = [
 @pytest.mark.parametrize("case,build,message", BATCH_REFUSED, ids=[c[0] for c in BATCH_REFUSED])
 def test_batch_refuses_before_any_work(ws, tiny_ckpt, capsys, case, build, message):
     (ws / "afile").write_text("keep me")
-    before = _snapshot(ws)
-    with pytest.raises(SystemExit) as e_info:
-        raise SystemExit(main(["batch", *map(str, build(ws)), "--checkpoint", str(tiny_ckpt), "-q"]))
-    assert e_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert _snapshot(ws) == before and not (ws / "out").exists()
+    _assert_refused(ws, capsys, ["batch", *map(str, build(ws)), "--checkpoint", str(tiny_ckpt), "-q"], message)
