@@ -832,6 +832,7 @@ class ComfyBackend(Backend):
             self.client.forget(pid)
             raise BatchError(f"node {self.output_node} produced no image (outputs: {sorted(hist.get('outputs', {}))})")
         png = self.client.view(images[0])
+        _check_downloaded_image(png, self.name)
         self.client.forget(pid)
         outputs = hist.get("outputs") or {}
         pattern, routing = _extras({k: v for k, v in outputs.items() if k not in taps.values()})
@@ -893,6 +894,17 @@ class ComfyBackend(Backend):
                 return hist
             time.sleep(0.1)
         raise BatchError(f"prompt {pid} finished but /history has no record of it")
+
+
+def _check_downloaded_image(data: bytes, server: str) -> None:
+    """A result is written only when it decodes as an image: a server answering garbage with status 200 is a
+    (retryable) failure, never an output file."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for broken data
+        raise BatchError(f"{server} sent an output that is not an image ({len(data)} bytes: {type(e).__name__})") from e
 
 
 def _extras(outputs: dict):

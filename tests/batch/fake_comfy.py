@@ -56,6 +56,8 @@ class FakeComfy:
         self.conns: list[socket.socket] = []
         self.lock = threading.Condition()
         self.dead = False
+        self.garbage: dict[str, int] = {}  # path -> how many of its next answers are broken
+        self.garbage_kind = "500"  # "500": an HTML error page with status 500; "junk": status 200, not JSON
         self._counter = 0
         fake = self
 
@@ -81,8 +83,24 @@ class FakeComfy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
+            def _garbage(self, path):
+                with fake.lock:
+                    n = fake.garbage.get(path, 0)
+                    if n <= 0:
+                        return False
+                    fake.garbage[path] = n - 1
+                body = b"<html><body>Internal Server Error</body></html>" if fake.garbage_kind == "500" else b"\x00\xffnot json{"
+                self.send_response(500 if fake.garbage_kind == "500" else 200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
+
             def do_GET(self):  # noqa: N802
                 u = urllib.parse.urlparse(self.path)
+                if self._garbage(u.path if not u.path.startswith("/history/") else "/history/"):
+                    return
                 q = dict(urllib.parse.parse_qsl(u.query))
                 if u.path == "/ws":
                     if not fake.websocket or self.headers.get("Upgrade", "").lower() != "websocket":
@@ -115,6 +133,8 @@ class FakeComfy:
 
             def do_POST(self):  # noqa: N802
                 u = urllib.parse.urlparse(self.path)
+                if self._garbage(u.path):
+                    return
                 body = self._body()
                 if u.path == "/upload/image":
                     return self._upload(body)

@@ -252,3 +252,17 @@ def test_wires_into_the_cliprpn_cli(tmp_path, images, tiny_ckpt):
                          "--device", "cpu", "--threads", "1", "-q", "--report", str(tmp_path / "r.csv")])
     assert args.fn is B.cmd_batch
     assert args.fn(args) == 0 and len(list((tmp_path / "o").glob("*.png"))) == len(images)
+
+
+@pytest.mark.parametrize("kind", ["500", "junk"])
+@pytest.mark.parametrize("path", ["/prompt", "/upload/image", "/history/", "/view"])
+def test_a_server_answering_500_or_garbage_each_image_comes_out_once(tmp_path, images, fakes, kind, path):
+    fake, = fakes(1, websocket=False) if path == "/history/" else fakes(1)
+    fake.garbage, fake.garbage_kind = {path: 2}, kind
+    jobs = B.make_jobs([images[0].parent], tmp_path / "out")
+    r, s = run(jobs, [backend(fake, use_ws=path != "/history/")], retries=3)
+    assert s["counts"] == {"done": len(images)}, [j.error for j in jobs]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(q.name for q in images)
+    assert fake.garbage[path] == 0  # the broken answers were really served
+    for q in images:  # every output is that image's result (the fake inverts), written once
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / q.name).convert("RGB")), inverted(q))
