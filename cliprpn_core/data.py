@@ -155,15 +155,19 @@ class NoRainSource:
 
 class PairedSource:
     """Real rain/gt pairs. Labels: expert and form from the folder/name hints (heavy vs light),
-    orientation from the rain layer's structure tensor; a mask from the rain layer."""
+    orientation from the rain layer's structure tensor; a mask from the rain layer. A folder with
+    ``layer/`` instead of ``rain/`` (the compact pack of scripts/pack_gpu_data.py) gives rainy = clean + layer."""
 
     def __init__(self, roots, min_side=96):
         pairs = []
         for r in [roots] if isinstance(roots, (str, Path)) else roots:
-            pairs += pair_files(r)
+            packed = (Path(r) / "layer").is_dir() and not (Path(r) / "rain").is_dir()
+            pairs += [(rp, gp, packed) for rp, gp in pair_files(r, rain_dir="layer" if packed else "rain")]
         self.rain, self.gt, self.heavy = [], [], []
-        for rp, gp in pairs:
+        for rp, gp, packed in pairs:
             a, b = load_rgb_uint8(rp), load_rgb_uint8(gp)
+            if packed:  # a packed pair (scripts/pack_gpu_data.py): rainy = clean + its rain layer
+                a = np.clip(b.astype(np.int16) + a, 0, 255).astype(np.uint8) if a.shape == b.shape else a
             if a.shape != b.shape:
                 raise ValueError(f"pair {rp.name}: rainy {a.shape} and clean {b.shape} differ in size")
             if min(a.shape[:2]) < min_side:

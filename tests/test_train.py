@@ -328,3 +328,21 @@ def test_route_all_to_trains_one_expert_only(tmp_path, data_dirs):
     assert changed == {"1"}
     with pytest.raises(ValueError, match="route_all_to must be -1"):
         Trainer(_cfg(tmp_path, data_dirs, route_all_to=9), progress=False)
+
+
+def test_packed_pairs_read_as_clean_plus_layer(tmp_path):
+    """A pair folder with layer/ instead of rain/ (scripts/pack_gpu_data.py --compact) is read as
+    rainy = clean + layer, clipped to 8 bits, and gives the same rain layer as the original pair."""
+    from PIL import Image
+
+    from cliprpn_core.data import PairedSource
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 200, (100, 120, 3), dtype=np.uint8)
+    layer = np.zeros_like(gt)
+    layer[::7] = 90  # streaks, some clipped at 255
+    rain = np.clip(gt.astype(int) + layer, 0, 255).astype(np.uint8)
+    for name, sub, arr in (("orig", "rain", rain), ("orig", "gt", gt), ("packed", "layer", layer), ("packed", "gt", gt)):
+        (tmp_path / name / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / name / sub / "x.png")
+    orig, packed = PairedSource(tmp_path / "orig"), PairedSource(tmp_path / "packed")
+    assert torch.equal(orig.rain[0], packed.rain[0]) and torch.equal(orig.gt[0], packed.gt[0])
