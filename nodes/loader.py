@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cliprpn_core import load_model
+from ..cliprpn_core import node_names as N
 from . import _host as H
 from . import ops
 from ._types import CATEGORY, CLIPRPNModel
@@ -95,7 +96,7 @@ class CLIPRPNLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNLoader",
+            node_id=N.LOADER,
             display_name="CLIP-RPN Loader",
             category=CATEGORY,
             description="Loads a CLIP-RPN deraining model (and optionally a CLIP model for rain perception) once; "

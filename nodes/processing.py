@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..cliprpn_core import node_names as N
 from ..cliprpn_core.arch import route as arch_route
 from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
@@ -121,7 +122,7 @@ class CLIPRainPerceiver(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNRainPerceiver",
+            node_id=N.RAIN_PERCEIVER,
             display_name="CLIP Rain Perceiver",
             category=CATEGORY,
             description="Describes the rain in each image (density, orientation, intensity, form) with CLIP "
@@ -147,7 +148,7 @@ class ExpertRouter(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNExpertRouter",
+            node_id=N.EXPERT_ROUTER,
             display_name="Expert Router",
             category=CATEGORY,
             description="Turns rain patterns into expert weights: which restoration experts run on each image.",
@@ -177,7 +178,7 @@ class MaskEstimator(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNMaskEstimator",
+            node_id=N.MASK_ESTIMATOR,
             display_name="Rain Mask Estimator",
             category=CATEGORY,
             description="Estimates where rain hides the background (1 = rain). The MASK works with any node "
@@ -199,7 +200,7 @@ class CrossAttentionDerain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNCrossAttentionDerain",
+            node_id=N.CROSS_ATTENTION_DERAIN,
             display_name="Cross-Attention Derain",
             category=CATEGORY,
             description="Removes rain with mask-guided cross-attention and the routed experts. Without a routing "
@@ -245,7 +246,7 @@ class CLIPRPNDerain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNDerain",
+            node_id=N.DERAIN,
             display_name="CLIP-RPN Derain",
             category=CATEGORY,
             description="One-node deraining: perceives, routes and restores each image of the batch.",

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cliprpn_core import DEFAULT_MODEL_NAME, default_model_path, save_model
+from ..cliprpn_core import node_names as N
 from ..cliprpn_core.checkpoint import read_metadata
 from ..cliprpn_core.patterns import EXPERTS
 from . import _host as H
@@ -21,7 +22,7 @@ class SynthesizeRain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNSynthesizeRain",
+            node_id=N.SYNTHESIZE_RAIN,
             display_name="Synthesize Rain",
             category=CATEGORY,
             description="Adds realistic, labelled synthetic rain to clean images: makes rainy/clean pairs for "
@@ -52,7 +53,7 @@ class LossScheduledFinetune(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CLIPRPNFinetune",
+            node_id=N.FINETUNE,
             display_name="Loss-scheduled Fine-tune",
             category=CATEGORY,
             description="Fine-tunes a copy of the model on rainy/clean image pairs with a loss schedule "

@@ -63,6 +63,9 @@ class FakeComfy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as ComfyUI's aiohttp (asyncio transports set it): without it a kept-alive connection
+            # waits ~40 ms (Nagle + delayed ACK) for each body written after its headers
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):
                 pass
@@ -81,7 +84,11 @@ class FakeComfy:
 
             def _body(self):
                 n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
+                data = self.rfile.read(n) if n else b""
+                if len(data) < n:  # the client died mid-request (its headers and body come in separate sends):
+                    self.close_connection = True  # a real server drops such a request, never runs it as "{}"
+                    raise ConnectionError(f"request body cut off after {len(data)} of {n} bytes")
+                return data
 
             def _garbage(self, path):
                 with fake.lock:

@@ -97,7 +97,7 @@ def test_full_graph_workflow_polling_and_ctrl_c_against_a_real_server(tmp_path, 
     doc = json.loads((out / "batch_report.json").read_text())
     assert doc["output_node"] == "11" and doc["summary"]["counts"] == {"done": 2}
     out = tmp_path / "out"
-    repo = Path(B.__file__).resolve().parents[1]
+    repo = Path(B.__file__).resolve().parents[2]
     args = [sys.executable, "-m", "cliprpn_core.batch", str(shots[0].parent), "-o", str(out), "--server", srv.url,
             "--depth", "3", "-q"]
     p = subprocess.Popen(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stderr=subprocess.PIPE, text=True)
@@ -149,7 +149,7 @@ def test_killing_a_server_mid_batch(tmp_path, shots, comfy_servers, monkeypatch)
     victim, survivor = comfy_servers
     writes = Counter()
     real = B.write_output
-    monkeypatch.setattr(B, "write_output", lambda o, dst: (writes.update([Path(dst).name]), real(o, dst)))
+    monkeypatch.setattr(B.scheduler, "write_output", lambda o, dst: (writes.update([Path(dst).name]), real(o, dst)))
     wf, _ = B.load_workflow(None)
     img, outn = B.find_image_node(wf), B.find_output_node(wf)
     backends = [B.ComfyBackend(s.url, wf, img, outn, slots=2, timeout=120) for s in (victim, survivor)]

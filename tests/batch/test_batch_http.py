@@ -96,7 +96,7 @@ def test_killing_a_server_mid_batch_every_image_exactly_once(tmp_path, fakes, mo
     a, b = fakes(2, delay=0.03)
     writes = Counter()
     real = B.write_output
-    monkeypatch.setattr(B, "write_output", lambda out, dst: (writes.update([Path(dst).name]), real(out, dst)))
+    monkeypatch.setattr(B.scheduler, "write_output", lambda out, dst: (writes.update([Path(dst).name]), real(out, dst)))
 
     def on_done(job, runner):
         if sum(j.status == "done" for j in runner.jobs) == 6:

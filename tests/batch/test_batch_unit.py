@@ -181,7 +181,7 @@ def writes(monkeypatch):
     def counting(out, dst):
         c[Path(dst).name] += 1
         real(out, dst)
-    monkeypatch.setattr(B, "write_output", counting)
+    monkeypatch.setattr(B.scheduler, "write_output", counting)
     return c
 
 
@@ -378,7 +378,7 @@ def test_interrupt_while_an_output_is_written_leaves_no_job_running(tmp_path, im
         if n["calls"] == 3:
             raise KeyboardInterrupt  # Ctrl-C lands in the middle of writing a result
         real(out, dst)
-    monkeypatch.setattr(B, "write_output", write)
+    monkeypatch.setattr(B.scheduler, "write_output", write)
     jobs = B.make_jobs([images[0].parent], tmp_path / "out")
     r, s = run(jobs, [FakeBackend("a", slots=1)])
     assert r.interrupted and set(s["counts"]) == {"done", "interrupted"} and s["counts"]["done"] == 2
@@ -389,7 +389,7 @@ def test_builtin_basic_workflow_matches_the_file_and_is_used_without_the_folder(
     wf, _ = B.load_workflow(None)
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}
     assert strip == B.BUILTIN_BASIC
-    monkeypatch.setattr(B, "API_WORKFLOWS", tmp_path / "absent")
+    monkeypatch.setattr(B.workflow, "API_WORKFLOWS", tmp_path / "absent")
     wf2, origin = B.load_workflow(None)
     assert wf2 == B.BUILTIN_BASIC and origin.startswith("built-in")
     with pytest.raises(B.WorkflowError, match="not installed here"):
