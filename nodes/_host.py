@@ -13,7 +13,7 @@ import comfy.utils
 import folder_paths
 
 from ..cliprpn_core import DEFAULT_MODEL_NAME
-from . import ops
+from . import node_logic
 
 log = logging.getLogger("CLIP-RPN")
 
@@ -78,7 +78,7 @@ def list_files() -> list[str]:
 
 
 def checkpoint_options() -> list[str]:
-    opts = ops.checkpoint_choices(list_files(), ops.find_clip_folders(model_roots()))
+    opts = node_logic.checkpoint_choices(list_files(), node_logic.find_clip_folders(model_roots()))
     if DEFAULT_MODEL_NAME in opts:  # the shipped model first: it is the default choice
         opts.remove(DEFAULT_MODEL_NAME)
         opts.insert(0, DEFAULT_MODEL_NAME)
@@ -87,11 +87,11 @@ def checkpoint_options() -> list[str]:
 
 def clip_options() -> list[str]:
     from ..cliprpn_core.perceiver import SUPPORTED_CLIP
-    return ops.clip_choices(list_files(), ops.find_clip_folders(model_roots()), SUPPORTED_CLIP)
+    return node_logic.clip_choices(list_files(), node_logic.find_clip_folders(model_roots()), SUPPORTED_CLIP)
 
 
 def resolve(name: str, what: str) -> Path:
-    return ops.resolve_in(model_roots(), name, what, FOLDER)
+    return node_logic.resolve_in(model_roots(), name, what, FOLDER)
 
 
 # -- devices -----------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def make_patcher(module: torch.nn.Module, device_choice: str):
     return cls(module, load_device=load_device(device_choice), offload_device=offload_device(device_choice))
 
 
-def load_to_device(handle: ops.ModelHandle, image_pixels: int = 0) -> torch.device:
+def load_to_device(handle: node_logic.ModelHandle, image_pixels: int = 0) -> torch.device:
     """Ask ComfyUI to put the model on its load device (evicting others if needed); -> device."""
     if handle.patcher is None:
         return next(handle.model.parameters()).device

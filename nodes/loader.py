@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..cliprpn_core import load_model
 from ..cliprpn_core import node_names as N
 from . import _host as H
-from . import ops
+from . import node_logic
 from ._types import CATEGORY, CLIPRPNModel
 
 log = logging.getLogger("CLIP-RPN")
@@ -18,9 +18,9 @@ log = logging.getLogger("CLIP-RPN")
 
 def _clip_path(choice: str) -> Path:
     from ..cliprpn_core import perceiver
-    if not choice.startswith(ops.DOWNLOAD_PREFIX):
+    if not choice.startswith(node_logic.DOWNLOAD_PREFIX):
         return H.resolve(choice, "CLIP model")
-    name = choice[len(ops.DOWNLOAD_PREFIX):]
+    name = choice[len(node_logic.DOWNLOAD_PREFIX):]
     if name not in perceiver.SUPPORTED_CLIP:
         raise ValueError(f"unknown CLIP download {name!r}; supported: {', '.join(perceiver.SUPPORTED_CLIP)}")
     arch, tag = perceiver.SUPPORTED_CLIP[name]
@@ -34,7 +34,7 @@ def _clip_path(choice: str) -> Path:
         return download_with_progress(name, dest)
     except Exception as e:
         raise RuntimeError(f"could not download CLIP {name!r} into {dest} ({type(e).__name__}: {e}). Offline? "
-                           f"Put {fname} into {dest} by hand, or choose '{ops.CLIP_NONE}'") from e
+                           f"Put {fname} into {dest} by hand, or choose '{node_logic.CLIP_NONE}'") from e
 
 
 def download_with_progress(name: str, dest: Path) -> Path:
@@ -70,11 +70,11 @@ def download_with_progress(name: str, dest: Path) -> Path:
     return out
 
 
-def load_handle(checkpoint: str, clip: str, device: str, dtype: str) -> ops.ModelHandle:
+def load_handle(checkpoint: str, clip: str, device: str, dtype: str) -> node_logic.ModelHandle:
     ckpt = H.resolve(checkpoint, "CLIP-RPN checkpoint")
     model = load_model(ckpt, device="cpu")
     perceiver_mod, clip_name = None, None
-    if clip and clip != ops.CLIP_NONE:
+    if clip and clip != node_logic.CLIP_NONE:
         from ..cliprpn_core.perceiver import load_clip
         perceiver_mod = load_clip(_clip_path(clip), device="cpu")
         clip_name = perceiver_mod.name
@@ -84,7 +84,7 @@ def load_handle(checkpoint: str, clip: str, device: str, dtype: str) -> ops.Mode
     model = model.to(dt).eval().requires_grad_(False)
     if perceiver_mod is not None and dt != torch.float32:
         perceiver_mod.clip.to(dt)  # text embeddings stay fp32
-    handle = ops.ModelHandle(model, perceiver_mod, dt, name=checkpoint, clip_name=clip_name,
+    handle = node_logic.ModelHandle(model, perceiver_mod, dt, name=checkpoint, clip_name=clip_name,
                              info={"path": str(ckpt), "device": device})
     handle.patcher = H.make_patcher(handle.module, device)
     log.info("CLIP-RPN: loaded %s (%s, %s%s)", checkpoint, dev, str(dt).replace("torch.", ""),
@@ -107,7 +107,7 @@ class CLIPRPNLoader(io.ComfyNode):
                 io.Combo.Input("checkpoint", options=H.checkpoint_options(),
                                tooltip="CLIP-RPN checkpoint (.safetensors) from models/clip_rpn. The shipped "
                                        "clip_rpn_default.safetensors in the pack's own models/ folder is always listed."),
-                io.Combo.Input("clip", options=H.clip_options(), default=ops.CLIP_NONE,
+                io.Combo.Input("clip", options=H.clip_options(), default=node_logic.CLIP_NONE,
                                tooltip="Optional CLIP model that perceives the rain pattern: a "
                                        "'<ARCH>__<TAG>.safetensors' file or an open_clip folder in models/clip_rpn. "
                                        "'download: ...' fetches a supported model into models/clip_rpn (online only). "
@@ -121,7 +121,7 @@ class CLIPRPNLoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, checkpoint, clip=ops.CLIP_NONE, device="auto", dtype="auto"):
+    def fingerprint_inputs(cls, checkpoint, clip=node_logic.CLIP_NONE, device="auto", dtype="auto"):
         """Reload when a chosen file is replaced on disk (e.g. a fine-tune saved again under the same
         name); otherwise the cached model is reused by every prompt."""
         parts = []
@@ -135,7 +135,7 @@ class CLIPRPNLoader(io.ComfyNode):
         return "|".join(parts + [device, dtype])
 
     @classmethod
-    def execute(cls, checkpoint, clip=ops.CLIP_NONE, device="auto", dtype="auto") -> io.NodeOutput:
+    def execute(cls, checkpoint, clip=node_logic.CLIP_NONE, device="auto", dtype="auto") -> io.NodeOutput:
         return io.NodeOutput(load_handle(checkpoint, clip, device, dtype))
 
 

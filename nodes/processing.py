@@ -9,7 +9,7 @@ from ..cliprpn_core.arch import route as arch_route
 from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
 from . import _host as H
-from . import ops
+from . import node_logic
 from ._types import CATEGORY, CLIPRPNModel, RainPattern, RainRouting
 
 PERCEIVE_CHUNK = 16
@@ -18,7 +18,7 @@ EXPERT_CHECK_TIP = ("Where the two best-ranked experts are the two streak expert
                     "through one expert). About three times slower; a manual expert override is never checked.")
 
 
-def derainer(handle: ops.ModelHandle, pixels: int = 0) -> Derainer:
+def derainer(handle: node_logic.ModelHandle, pixels: int = 0) -> Derainer:
     """A light Derainer on the device ComfyUI loaded the shared model to (no copy of weights)."""
     dev = H.load_to_device(handle, pixels)
     return Derainer(handle.model, handle.perceiver, device=dev, dtype=handle.dtype)
@@ -34,8 +34,8 @@ def _tile_inputs():
     ]
 
 
-def perceive(handle: ops.ModelHandle, image: torch.Tensor) -> ops.RainPattern:
-    x = ops.bhwc_to_bchw(image)
+def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:
+    x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     bar = H.Progress(x.shape[0])
     probs, src = [], "pattern-head"
@@ -43,17 +43,17 @@ def perceive(handle: ops.ModelHandle, image: torch.Tensor) -> ops.RainPattern:
         p, src = d.perceive(x[i:i + PERCEIVE_CHUNK])
         probs.append(p)
         bar(min(i + PERCEIVE_CHUNK, x.shape[0]), x.shape[0])
-    return ops.RainPattern(torch.cat(probs), src)
+    return node_logic.RainPattern(torch.cat(probs), src)
 
 
-def route(handle: ops.ModelHandle, pattern: ops.RainPattern, top_k: int, temperature: float,
-          expert: str) -> ops.RainRouting:
-    if not isinstance(pattern, ops.RainPattern):
+def route(handle: node_logic.ModelHandle, pattern: node_logic.RainPattern, top_k: int, temperature: float,
+          expert: str) -> node_logic.RainRouting:
+    if not isinstance(pattern, node_logic.RainPattern):
         raise TypeError("pattern must come from a CLIP Rain Perceiver node")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = handle.model.config.num_experts
-    idx = ops.expert_index(expert, n)
+    idx = node_logic.expert_index(expert, n)
     router = handle.model.router
     with torch.inference_mode():
         dev = next(router.parameters()).device
@@ -61,11 +61,11 @@ def route(handle: ops.ModelHandle, pattern: ops.RainPattern, top_k: int, tempera
         w = arch_route(logits, int(top_k), float(temperature), idx)
         ranking = None if idx is not None else logits  # what the Derain node's expert check ranks by
     note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
-    return ops.RainRouting(w, handle.experts, note, ranking)
+    return node_logic.RainRouting(w, handle.experts, note, ranking)
 
 
 def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tensor:
-    x = ops.bhwc_to_bchw(image)
+    x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     h, w = x.shape[-2:]
 
@@ -79,20 +79,20 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
                 done[0] += n
         return d.estimate_mask(x, tile=t, overlap=overlap, progress=step, preview=bar.offer)
 
-    m = ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
+    m = node_logic.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
     return m[:, 0]
 
 
 def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP,
            self_ensemble=False, passes=0, expert_check=False):
-    x = ops.bhwc_to_bchw(image)
+    x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     weights = ranking = None
     if routing is not None:
-        if not isinstance(routing, ops.RainRouting):
+        if not isinstance(routing, node_logic.RainRouting):
             raise TypeError("routing must come from an Expert Router node")
         weights, ranking = routing.weights, routing.ranking
-    m = ops.mask_to_b1hw(mask)
+    m = node_logic.mask_to_b1hw(mask)
 
     def run(t):
         bar, shown = [None], [None]  # the preview comes before the tile's progress step
@@ -115,7 +115,7 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
             bar[0].show(lambda max_side: r.images[-1:, :3])
         return r
 
-    return ops.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
+    return node_logic.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
 
 
 class CLIPRainPerceiver(io.ComfyNode):
@@ -141,7 +141,7 @@ class CLIPRainPerceiver(io.ComfyNode):
     @classmethod
     def execute(cls, model, image) -> io.NodeOutput:
         pattern = perceive(model, image)
-        return io.NodeOutput(pattern, pattern.summary(), H.output(ops.pattern_chart(pattern)))
+        return io.NodeOutput(pattern, pattern.summary(), H.output(node_logic.pattern_chart(pattern)))
 
 
 class ExpertRouter(io.ComfyNode):
@@ -159,7 +159,7 @@ class ExpertRouter(io.ComfyNode):
                              tooltip="How many experts run per image (their weights sum to one)."),
                 io.Float.Input("temperature", default=1.0, min=0.05, max=10.0, step=0.05,
                                tooltip="Softness of the mix between the top-k experts (higher = more even)."),
-                io.Combo.Input("expert_override", options=ops.expert_choices(), default=ops.EXPERT_AUTO,
+                io.Combo.Input("expert_override", options=node_logic.expert_choices(), default=node_logic.EXPERT_AUTO,
                                tooltip="Force one expert for every image instead of the router's choice."),
             ],
             outputs=[
@@ -169,7 +169,7 @@ class ExpertRouter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, pattern, top_k=1, temperature=1.0, expert_override=ops.EXPERT_AUTO) -> io.NodeOutput:
+    def execute(cls, model, pattern, top_k=1, temperature=1.0, expert_override=node_logic.EXPERT_AUTO) -> io.NodeOutput:
         r = route(model, pattern, top_k, temperature, expert_override)
         return io.NodeOutput(r, r.summary())
 
@@ -239,7 +239,7 @@ class CrossAttentionDerain(io.ComfyNode):
                 overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False) -> io.NodeOutput:
         r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble, passes,
                    expert_check)
-        return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
+        return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 
 class CLIPRPNDerain(io.ComfyNode):
@@ -263,7 +263,7 @@ class CLIPRPNDerain(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, expert_check=False) -> io.NodeOutput:
         r = derain(model, image, expert_check=expert_check)
-        return io.NodeOutput(H.output(ops.bchw_to_bhwc(r.images)))
+        return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)))
 
 
 NODES = [CLIPRainPerceiver, ExpertRouter, MaskEstimator, CrossAttentionDerain, CLIPRPNDerain]

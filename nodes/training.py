@@ -12,7 +12,7 @@ from ..cliprpn_core import node_names as N
 from ..cliprpn_core.checkpoint import read_metadata
 from ..cliprpn_core.patterns import EXPERTS
 from . import _host as H
-from . import ops
+from . import node_logic
 from ._types import CATEGORY, CLIPRPNModel
 
 log = logging.getLogger("CLIP-RPN")
@@ -31,7 +31,7 @@ class SynthesizeRain(io.ComfyNode):
                 io.Image.Input("image", tooltip="Clean images (whole batch)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True,
                              tooltip="Random seed of the rain."),
-                io.Combo.Input("regime", options=[ops.REGIME_RANDOM, *EXPERTS], default=ops.REGIME_RANDOM,
+                io.Combo.Input("regime", options=[node_logic.REGIME_RANDOM, *EXPERTS], default=node_logic.REGIME_RANDOM,
                                tooltip="Kind of rain: random per image, or one regime for all."),
             ],
             outputs=[
@@ -41,12 +41,12 @@ class SynthesizeRain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, seed=0, regime=ops.REGIME_RANDOM) -> io.NodeOutput:
-        x = ops.bhwc_to_bchw(image, "image")
+    def execute(cls, image, seed=0, regime=node_logic.REGIME_RANDOM) -> io.NodeOutput:
+        x = node_logic.bhwc_to_bchw(image, "image")
         if not torch.isfinite(x).all():
             raise ValueError("image contains NaN or Inf values")
-        rainy, mask = ops.synthesize_rain(x.cpu(), seed, regime)
-        return io.NodeOutput(H.output(ops.bchw_to_bhwc(rainy)), H.output(mask[:, 0]))
+        rainy, mask = node_logic.synthesize_rain(x.cpu(), seed, regime)
+        return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(rainy)), H.output(mask[:, 0]))
 
 
 class LossScheduledFinetune(io.ComfyNode):
@@ -67,7 +67,7 @@ class LossScheduledFinetune(io.ComfyNode):
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimisation steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7,
                                tooltip="AdamW learning rate (cosine decay to 10 %)."),
-                io.Combo.Input("schedule", options=list(ops.SCHEDULES), default="mix",
+                io.Combo.Input("schedule", options=list(node_logic.SCHEDULES), default="mix",
                                tooltip="Loss schedule: charbonnier only; mix (Charbonnier+SSIM+edge+FFT); "
                                        "curriculum (pixel then structure); dwa (dynamic weight averaging); "
                                        "uncertainty (learned weights); equal_mix (uncertainty's starting weights, fixed); "
@@ -92,7 +92,7 @@ class LossScheduledFinetune(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, save_name=""):
         try:
-            ops.check_save_name(save_name, (Path(DEFAULT_MODEL_NAME).stem,))
+            node_logic.check_save_name(save_name, (Path(DEFAULT_MODEL_NAME).stem,))
         except ValueError as e:
             return str(e)
         return True
@@ -100,15 +100,15 @@ class LossScheduledFinetune(io.ComfyNode):
     @classmethod
     def execute(cls, model, rainy, clean, steps=200, learning_rate=1e-4, schedule="mix", patch_size=128,
                 batch_size=4, seed=0, save_name="") -> io.NodeOutput:
-        name = ops.check_save_name(save_name, (Path(DEFAULT_MODEL_NAME).stem,))
+        name = node_logic.check_save_name(save_name, (Path(DEFAULT_MODEL_NAME).stem,))
         dest = None
         if name:
             dest = H.save_dir() / f"{name}.safetensors"
             if dest.resolve() == default_model_path().resolve():
                 raise ValueError("refusing to overwrite the shipped default model")
-            ops.check_overwrite(dest, read_metadata)  # checked before training, and again before saving
-        r, c = ops.bhwc_to_bchw(rainy, "rainy"), ops.bhwc_to_bchw(clean, "clean")
-        ops.check_pairs(ops.rgb_only(r), ops.rgb_only(c))
+            node_logic.check_overwrite(dest, read_metadata)  # checked before training, and again before saving
+        r, c = node_logic.bhwc_to_bchw(rainy, "rainy"), node_logic.bhwc_to_bchw(clean, "clean")
+        node_logic.check_pairs(node_logic.rgb_only(r), node_logic.rgb_only(c))
         device = H.load_to_device(model) if model.patcher is not None else torch.device("cpu")
         bar = H.Progress(steps)
         perceive = None
@@ -117,7 +117,7 @@ class LossScheduledFinetune(io.ComfyNode):
             d = derainer(model)
             perceive = lambda x: d.perceive(x)[0]  # noqa: E731
         H.check_cancel()
-        res = ops.finetune(model.model, r, c, steps=steps, lr=learning_rate, schedule=schedule, patch=patch_size,
+        res = node_logic.finetune(model.model, r, c, steps=steps, lr=learning_rate, schedule=schedule, patch=patch_size,
                            batch_size=batch_size, seed=seed, device=device, on_step=bar, perceive=perceive,
                            preview=bar.offer)
         last = {k: v[-1] for k, v in res.history.items() if v}
@@ -125,7 +125,7 @@ class LossScheduledFinetune(io.ComfyNode):
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items())
         H.check_cancel()  # a Cancel that arrived during the last step still writes nothing
         if dest is not None:
-            if ops.check_overwrite(dest, read_metadata):
+            if node_logic.check_overwrite(dest, read_metadata):
                 log.info("CLIP-RPN: replacing the earlier fine-tune %s", dest)
             save_model(res.model, dest, extra_meta={"finetuned_from": model.name, "steps": steps,
                                                     "schedule": schedule, "learning_rate": learning_rate})
@@ -134,12 +134,12 @@ class LossScheduledFinetune(io.ComfyNode):
         # hand the copy to ComfyUI where it keeps idle models; load_models_gpu moves it when used
         offload = model.patcher.offload_device if model.patcher is not None else torch.device("cpu")
         net = res.model.to(offload, model.dtype)
-        out = ops.ModelHandle(net, model.perceiver, model.dtype, name=name or f"{model.name} (fine-tuned)",
+        out = node_logic.ModelHandle(net, model.perceiver, model.dtype, name=name or f"{model.name} (fine-tuned)",
                               clip_name=model.clip_name, module=torch.nn.ModuleDict({"rpn": net}))
         if model.patcher is not None:
             out.patcher = type(model.patcher)(out.module, load_device=model.patcher.load_device,
                                               offload_device=model.patcher.offload_device)
-        return io.NodeOutput(out, H.output(ops.loss_chart(res.history, f"fine-tune loss ({schedule})")), report)
+        return io.NodeOutput(out, H.output(node_logic.loss_chart(res.history, f"fine-tune loss ({schedule})")), report)
 
 
 NODES = [SynthesizeRain, LossScheduledFinetune]

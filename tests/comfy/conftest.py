@@ -15,9 +15,9 @@ from packutil import PACK_NAME, REPO, import_pack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def ops():
+def node_logic():
     import_pack()
-    return importlib.import_module(f"{PACK_NAME}.nodes.ops")
+    return importlib.import_module(f"{PACK_NAME}.nodes.node_logic")
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def fake_comfy(tmp):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-        for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".ops")]:
+        for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".node_logic")]:
             sys.modules.pop(m, None)
 
 

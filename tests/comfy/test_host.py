@@ -88,11 +88,11 @@ def fake_comfy(monkeypatch, tmp_path):
                       "comfy.model_patcher": mp}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     import_pack()
-    for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".ops")]:
+    for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".node_logic")]:
         monkeypatch.delitem(sys.modules, m)
     host = importlib.import_module(f"{PACK_NAME}.nodes._host")
     yield types.SimpleNamespace(host=host, fp=fp, state=state, extra=extra, tmp=tmp_path)
-    for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".ops")]:
+    for m in [m for m in sys.modules if m.startswith(PACK_NAME + ".nodes.") and not m.endswith(".node_logic")]:
         sys.modules.pop(m, None)
 
 
@@ -147,9 +147,9 @@ def test_progress_is_a_cancel_checkpoint(fake_comfy):
 
 def test_loader_puts_the_model_in_a_patcher_and_loads_it_through_comfy(fake_comfy, pack_core):
     h = fake_comfy.host
-    ops = importlib.import_module(f"{PACK_NAME}.nodes.ops")
+    node_logic = importlib.import_module(f"{PACK_NAME}.nodes.node_logic")
     m = pack_core.CLIPRPN(pack_core.tiny_config())
-    handle = ops.ModelHandle(m, None, torch.float32, name="tiny")
+    handle = node_logic.ModelHandle(m, None, torch.float32, name="tiny")
     handle.patcher = h.make_patcher(handle.module, "auto")
     assert handle.patcher.model is handle.module and handle.patcher.load_device == torch.device("cpu")
     assert h.load_to_device(handle, 64 * 64) == torch.device("cpu")

@@ -26,7 +26,7 @@ def nodes_env(fake_comfy, monkeypatch):  # noqa: F811
     for name, mod in {"comfy_api": api, "comfy_api.latest": latest, "comfy_api.latest.io": latest.io}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     fake_comfy.processing = importlib.import_module(f"{PACK_NAME}.nodes.processing")
-    fake_comfy.ops = importlib.import_module(f"{PACK_NAME}.nodes.ops")
+    fake_comfy.node_logic = importlib.import_module(f"{PACK_NAME}.nodes.node_logic")
     return fake_comfy
 
 
@@ -34,7 +34,7 @@ def nodes_env(fake_comfy, monkeypatch):  # noqa: F811
 def handle(nodes_env, pack_core):
     torch.manual_seed(0)
     m = pack_core.CLIPRPN(pack_core.tiny_config())
-    return nodes_env.ops.ModelHandle(m, None, torch.float32, name="tiny")
+    return nodes_env.node_logic.ModelHandle(m, None, torch.float32, name="tiny")
 
 
 class Clock:
@@ -120,11 +120,11 @@ def test_mask_estimator_reports_every_tile_with_a_preview(nodes_env, handle):
 
 
 def test_finetune_previews_its_loss_curve(nodes_env, handle):
-    ops, st = nodes_env.ops, nodes_env.state
+    node_logic, st = nodes_env.node_logic, nodes_env.state
     bar = nodes_env.host.Progress(3, every=0.0)
     rainy, clean = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
-    ops.finetune(handle.model, rainy, clean, steps=3, lr=1e-4, patch=32, batch_size=1, on_step=bar,
-                 preview=bar.offer)
+    node_logic.finetune(handle.model, rainy, clean, steps=3, lr=1e-4, patch=32, batch_size=1, on_step=bar,
+                        preview=bar.offer)
     assert [v for v, _ in st.progress] == [1, 2, 3] and [v for v, _ in st.previews] == [1, 2, 3]
     _check_preview(st.previews[-1][1])
 

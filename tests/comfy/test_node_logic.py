@@ -1,4 +1,4 @@
-"""Unit tests of what the nodes do, without ComfyUI (nodes/ops.py)."""
+"""Unit tests of what the nodes do, without ComfyUI (nodes/node_logic.py)."""
 from __future__ import annotations
 
 import pytest
@@ -19,29 +19,29 @@ def tiny(pack_core):
 
 # -- layout -------------------------------------------------------------------------------------
 
-def test_layout_round_trip_and_masks(ops):
+def test_layout_round_trip_and_masks(node_logic):
     img = torch.rand(2, 10, 12, 3)
-    x = ops.bhwc_to_bchw(img)
+    x = node_logic.bhwc_to_bchw(img)
     assert x.shape == (2, 3, 10, 12)
-    assert torch.equal(ops.bchw_to_bhwc(x), img)
-    assert ops.bhwc_to_bchw(img[0]).shape == (1, 3, 10, 12)
+    assert torch.equal(node_logic.bchw_to_bhwc(x), img)
+    assert node_logic.bhwc_to_bchw(img[0]).shape == (1, 3, 10, 12)
     with pytest.raises(ValueError, match="IMAGE batch"):
-        ops.bhwc_to_bchw(torch.rand(1, 1, 2, 3, 4))
+        node_logic.bhwc_to_bchw(torch.rand(1, 1, 2, 3, 4))
     with pytest.raises(TypeError):
-        ops.bhwc_to_bchw([1, 2])
-    assert ops.mask_to_b1hw(torch.rand(2, 10, 12)).shape == (2, 1, 10, 12)
-    assert ops.mask_to_b1hw(torch.rand(10, 12)).shape == (1, 1, 10, 12)
-    assert ops.mask_to_b1hw(None) is None
+        node_logic.bhwc_to_bchw([1, 2])
+    assert node_logic.mask_to_b1hw(torch.rand(2, 10, 12)).shape == (2, 1, 10, 12)
+    assert node_logic.mask_to_b1hw(torch.rand(10, 12)).shape == (1, 1, 10, 12)
+    assert node_logic.mask_to_b1hw(None) is None
     gray = torch.rand(1, 1, 8, 8)
-    assert torch.equal(ops.rgb_only(gray)[:, 2], gray[:, 0])
-    assert ops.rgb_only(torch.rand(1, 4, 8, 8)).shape[1] == 3
+    assert torch.equal(node_logic.rgb_only(gray)[:, 2], gray[:, 0])
+    assert node_logic.rgb_only(torch.rand(1, 4, 8, 8)).shape[1] == 3
     with pytest.raises(ValueError, match="5 channels"):
-        ops.rgb_only(torch.rand(1, 5, 8, 8))
+        node_logic.rgb_only(torch.rand(1, 5, 8, 8))
 
 
 # -- payloads -------------------------------------------------------------------------------------
 
-def test_pattern_summary_and_chart(ops, pack_core):
+def test_pattern_summary_and_chart(node_logic, pack_core):
     from importlib import import_module
     P = import_module(pack_core.__name__ + ".patterns")
     probs = torch.zeros(2, P.PATTERN_DIM)
@@ -51,84 +51,84 @@ def test_pattern_summary_and_chart(ops, pack_core):
         probs[0, off + pick] = 1.0
         probs[1, off] = 1.0
         off += n
-    pat = ops.RainPattern(probs, "pattern-head")
+    pat = node_logic.RainPattern(probs, "pattern-head")
     lines = pat.summary().splitlines()
     assert len(lines) == 3 and lines[-1] == "(perceived by pattern-head)"
     assert lines[0].startswith("image 1: density: dense (1.00)") and "form: wide streaks" in lines[0]
     assert "density: sparse" in lines[1]
-    chart = ops.pattern_chart(pat)
+    chart = node_logic.pattern_chart(pat)
     assert chart.shape[0] == 2 and chart.shape[-1] == 3 and chart.dtype == torch.float32
     assert 0 <= float(chart.min()) and float(chart.max()) <= 1
     assert not torch.equal(chart[0], chart[1])  # different scores, different bars
 
 
-def test_routing_summary_and_expert_choice(ops):
-    r = ops.RainRouting(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0]]),
+def test_routing_summary_and_expert_choice(node_logic):
+    r = node_logic.RainRouting(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0]]),
                         ("light_streaks", "heavy_streaks", "raindrops", "veil"))
     assert r.summary().splitlines() == ["image 1: heavy_streaks=1.00", "image 2: light_streaks=0.25, raindrops=0.75"]
-    assert ops.expert_index(ops.EXPERT_AUTO, 4) is None
-    assert ops.expert_index("veil", 4) == 3
+    assert node_logic.expert_index(node_logic.EXPERT_AUTO, 4) is None
+    assert node_logic.expert_index("veil", 4) == 3
     with pytest.raises(ValueError, match="only 2 experts"):
-        ops.expert_index("veil", 2)
+        node_logic.expert_index("veil", 2)
     with pytest.raises(ValueError, match="unknown expert"):
-        ops.expert_index("sunshine", 4)
+        node_logic.expert_index("sunshine", 4)
 
 
-def test_model_handle_holds_model_and_perceiver(ops, tiny):
-    h = ops.ModelHandle(tiny, None, torch.float32, name="tiny")
+def test_model_handle_holds_model_and_perceiver(node_logic, tiny):
+    h = node_logic.ModelHandle(tiny, None, torch.float32, name="tiny")
     assert list(h.module.keys()) == ["rpn"] and h.module["rpn"] is tiny
     assert h.experts == ("light_streaks", "heavy_streaks", "raindrops", "veil")
     assert h.size_bytes() > 0
     clip = torch.nn.Linear(2, 2)
-    h2 = ops.ModelHandle(tiny, clip, torch.float32, name="tiny")
+    h2 = node_logic.ModelHandle(tiny, clip, torch.float32, name="tiny")
     assert h2.module["clip"] is clip
 
 
 # -- model files ----------------------------------------------------------------------------------
 
-def test_model_file_choices(ops, tmp_path):
+def test_model_file_choices(node_logic, tmp_path):
     files = ["clip_rpn_default.safetensors", "mine/ft.safetensors", "ViT-B-32__openai.safetensors", "old.pth",
              "myclip/open_clip_model.safetensors", ".cache/x.safetensors"]
     (tmp_path / "myclip").mkdir()
     (tmp_path / "myclip" / "open_clip_config.json").write_text("{}")
     (tmp_path / "notclip").mkdir()
-    folders = ops.find_clip_folders([str(tmp_path), str(tmp_path / "missing")])
+    folders = node_logic.find_clip_folders([str(tmp_path), str(tmp_path / "missing")])
     assert folders == ["myclip"]
-    assert ops.checkpoint_choices(files, folders) == ["clip_rpn_default.safetensors", "mine/ft.safetensors"]
+    assert node_logic.checkpoint_choices(files, folders) == ["clip_rpn_default.safetensors", "mine/ft.safetensors"]
     supported = {"ViT-B-32 OpenAI": ("ViT-B-32", "openai"), "Other": ("X", "y")}
-    choices = ops.clip_choices(files, folders, supported)
+    choices = node_logic.clip_choices(files, folders, supported)
     # ViT-B-32/openai is on disk already, so it is not offered for download again
-    assert choices == [ops.CLIP_NONE, "ViT-B-32__openai.safetensors", "myclip", ops.DOWNLOAD_PREFIX + "Other"]
+    assert choices == [node_logic.CLIP_NONE, "ViT-B-32__openai.safetensors", "myclip", node_logic.DOWNLOAD_PREFIX + "Other"]
     files.append("X__y.safetensors")
-    assert ops.DOWNLOAD_PREFIX + "Other" not in ops.clip_choices(files, folders, supported)
+    assert node_logic.DOWNLOAD_PREFIX + "Other" not in node_logic.clip_choices(files, folders, supported)
 
 
-def test_resolve_names_every_folder_searched(ops, tmp_path):
+def test_resolve_names_every_folder_searched(node_logic, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
     (b / "m.safetensors").write_bytes(b"x")
-    assert ops.resolve_in([str(a), str(b)], "m.safetensors", "checkpoint", "clip_rpn") == b / "m.safetensors"
+    assert node_logic.resolve_in([str(a), str(b)], "m.safetensors", "checkpoint", "clip_rpn") == b / "m.safetensors"
     with pytest.raises(FileNotFoundError) as e:
-        ops.resolve_in([str(a), str(b)], "nope.safetensors", "CLIP-RPN checkpoint", "clip_rpn")
+        node_logic.resolve_in([str(a), str(b)], "nope.safetensors", "CLIP-RPN checkpoint", "clip_rpn")
     msg = str(e.value)
     assert "nope.safetensors" in msg and "'clip_rpn'" in msg and str(a) in msg and str(b) in msg
     for bad in ("../m.safetensors", "/etc/passwd", ""):
         with pytest.raises(ValueError):
-            ops.resolve_in([str(a)], bad, "checkpoint", "clip_rpn")
+            node_logic.resolve_in([str(a)], bad, "checkpoint", "clip_rpn")
 
 
-def test_save_name_rules(ops):
+def test_save_name_rules(node_logic):
     reserved = ("clip_rpn_default",)
-    assert ops.check_save_name("", reserved) is None
-    assert ops.check_save_name("  ", reserved) is None
-    assert ops.check_save_name("my-model_2.safetensors", reserved) == "my-model_2"
+    assert node_logic.check_save_name("", reserved) is None
+    assert node_logic.check_save_name("  ", reserved) is None
+    assert node_logic.check_save_name("my-model_2.safetensors", reserved) == "my-model_2"
     for bad in ("../evil", "a/b", "clip_rpn_default", "CLIP_RPN_DEFAULT.safetensors", "x__y", ".hidden"):
         with pytest.raises(ValueError):
-            ops.check_save_name(bad, reserved)
+            node_logic.check_save_name(bad, reserved)
 
 
-def test_overwrite_only_earlier_finetunes(ops, tmp_path):
+def test_overwrite_only_earlier_finetunes(node_logic, tmp_path):
     meta = {tmp_path / "ft.safetensors": {"finetuned_from": "x"}, tmp_path / "trained.safetensors": {}}
     for p in meta:
         p.write_bytes(b"x")
@@ -139,11 +139,11 @@ def test_overwrite_only_earlier_finetunes(ops, tmp_path):
             raise ValueError("corrupt")
         return meta[p]
 
-    assert ops.check_overwrite(tmp_path / "new.safetensors", read) is False
-    assert ops.check_overwrite(tmp_path / "ft.safetensors", read) is True
+    assert node_logic.check_overwrite(tmp_path / "new.safetensors", read) is False
+    assert node_logic.check_overwrite(tmp_path / "ft.safetensors", read) is True
     for name in ("trained.safetensors", "broken.safetensors"):
         with pytest.raises(ValueError, match="not an earlier fine-tune"):
-            ops.check_overwrite(tmp_path / name, read)
+            node_logic.check_overwrite(tmp_path / name, read)
 
 
 # -- tiling back-off ----------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class FakeOOM(RuntimeError):
     pass
 
 
-def test_backoff_halves_tile_until_it_fits(ops):
+def test_backoff_halves_tile_until_it_fits(node_logic):
     seen = []
 
     def fn(tile):
@@ -162,11 +162,11 @@ def test_backoff_halves_tile_until_it_fits(ops):
         return tile
 
     freed = []
-    out = ops.run_with_backoff(fn, None, lambda e: isinstance(e, FakeOOM), lambda: freed.append(1))
+    out = node_logic.run_with_backoff(fn, None, lambda e: isinstance(e, FakeOOM), lambda: freed.append(1))
     assert out == 128 and seen == [None, 512, 256, 128] and len(freed) == 3
 
 
-def test_backoff_gives_up_below_min_and_passes_other_errors(ops):
+def test_backoff_gives_up_below_min_and_passes_other_errors(node_logic):
     calls = []
 
     def always_oom(tile):
@@ -174,7 +174,7 @@ def test_backoff_gives_up_below_min_and_passes_other_errors(ops):
         raise FakeOOM("oom")
 
     with pytest.raises(FakeOOM):
-        ops.run_with_backoff(always_oom, 256, lambda e: isinstance(e, FakeOOM))
+        node_logic.run_with_backoff(always_oom, 256, lambda e: isinstance(e, FakeOOM))
     assert calls == [256, 128]
 
     def bad(tile):
@@ -182,53 +182,53 @@ def test_backoff_gives_up_below_min_and_passes_other_errors(ops):
         raise ValueError("NaN input")
 
     with pytest.raises(ValueError, match="NaN"):
-        ops.run_with_backoff(bad, 512, lambda e: isinstance(e, FakeOOM))
+        node_logic.run_with_backoff(bad, 512, lambda e: isinstance(e, FakeOOM))
     assert calls[-1] == "bad" and calls.count("bad") == 1
 
 
 # -- pairs, synthesis ------------------------------------------------------------------------------
 
-def test_check_pairs(ops):
-    ops.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
+def test_check_pairs(node_logic):
+    node_logic.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match="2 images but clean has 1"):
-        ops.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
+        node_logic.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="same size"):
-        ops.check_pairs(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 40))
+        node_logic.check_pairs(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 40))
     x = torch.rand(1, 3, 32, 32)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        ops.check_pairs(x, torch.rand(1, 3, 32, 32))
+        node_logic.check_pairs(x, torch.rand(1, 3, 32, 32))
 
 
-def test_synthesize_rain_is_reproducible(ops):
+def test_synthesize_rain_is_reproducible(node_logic):
     clean = torch.rand(2, 4, 48, 40)  # RGBA: alpha is dropped
-    r1, m1 = ops.synthesize_rain(clean, seed=3)
-    r2, m2 = ops.synthesize_rain(clean, seed=3)
-    r3, _ = ops.synthesize_rain(clean, seed=4)
+    r1, m1 = node_logic.synthesize_rain(clean, seed=3)
+    r2, m2 = node_logic.synthesize_rain(clean, seed=3)
+    r3, _ = node_logic.synthesize_rain(clean, seed=4)
     assert r1.shape == (2, 3, 48, 40) and m1.shape == (2, 1, 48, 40)
     assert torch.equal(r1, r2) and torch.equal(m1, m2) and not torch.equal(r1, r3)
     assert float((r1 - clean[:, :3]).abs().mean()) > 1e-3
     assert 0 <= float(r1.min()) and float(r1.max()) <= 1
-    rv, _ = ops.synthesize_rain(clean[:, :3], seed=3, regime="veil")
+    rv, _ = node_logic.synthesize_rain(clean[:, :3], seed=3, regime="veil")
     assert rv.shape == (2, 3, 48, 40)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------
 
-def _pairs(ops, n=2, size=32):
+def _pairs(node_logic, n=2, size=32):
     g = torch.Generator().manual_seed(0)
     clean = torch.rand(n, 3, size, size, generator=g) * 0.5 + 0.25
     clean = torch.nn.functional.avg_pool2d(clean, 3, 1, 1)
-    rainy, _ = ops.synthesize_rain(clean, seed=1, regime="heavy_streaks")
+    rainy, _ = node_logic.synthesize_rain(clean, seed=1, regime="heavy_streaks")
     return rainy, clean
 
 
-def test_finetune_learns_and_leaves_the_loaded_model_alone(ops, tiny):
-    rainy, clean = _pairs(ops, n=2, size=24)
+def test_finetune_learns_and_leaves_the_loaded_model_alone(node_logic, tiny):
+    rainy, clean = _pairs(node_logic, n=2, size=24)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     steps_seen = []
     with torch.inference_mode():  # ComfyUI runs nodes like this: training must still work
-        res = ops.finetune(tiny, rainy, clean, steps=12, lr=3e-3, schedule="charbonnier", patch=16, batch_size=2,
+        res = node_logic.finetune(tiny, rainy, clean, steps=12, lr=3e-3, schedule="charbonnier", patch=16, batch_size=2,
                            seed=0, on_step=lambda i, n: steps_seen.append((i, n)))
     assert steps_seen[0] == (1, 12) and steps_seen[-1] == (12, 12)
     h = res.history["total"]
@@ -240,18 +240,18 @@ def test_finetune_learns_and_leaves_the_loaded_model_alone(ops, tiny):
     assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), before.values()))
 
 
-def test_finetune_is_deterministic(ops, tiny):
-    rainy, clean = _pairs(ops, n=2, size=24)
-    a = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
-    b = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
+def test_finetune_is_deterministic(node_logic, tiny):
+    rainy, clean = _pairs(node_logic, n=2, size=24)
+    a = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
+    b = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
     assert a.history == b.history
 
 
 @pytest.mark.parametrize("schedule", ["curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa",
                                       "psnr_equal", "psnr_uncertainty"])
-def test_finetune_schedules_run(ops, tiny, schedule):
-    rainy, clean = _pairs(ops, n=1, size=24)
-    res = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-4, schedule=schedule, patch=16)
+def test_finetune_schedules_run(node_logic, tiny, schedule):
+    rainy, clean = _pairs(node_logic, n=1, size=24)
+    res = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-4, schedule=schedule, patch=16)
     assert len(res.history["total"]) == 2 and all(map(lambda v: v == v, res.history["total"]))
 
 
@@ -259,8 +259,8 @@ class Cancelled(BaseException):
     """Like ComfyUI's InterruptProcessingException (a BaseException)."""
 
 
-def test_finetune_cancel_aborts_without_result(ops, tiny):
-    rainy, clean = _pairs(ops, n=1, size=16)
+def test_finetune_cancel_aborts_without_result(node_logic, tiny):
+    rainy, clean = _pairs(node_logic, n=1, size=16)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
 
     def cancel_at_3(i, n):
@@ -268,30 +268,30 @@ def test_finetune_cancel_aborts_without_result(ops, tiny):
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        ops.finetune(tiny, rainy, clean, steps=50, lr=1e-3, patch=16, batch_size=1, on_step=cancel_at_3)
+        node_logic.finetune(tiny, rainy, clean, steps=50, lr=1e-3, patch=16, batch_size=1, on_step=cancel_at_3)
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, before[k])
 
 
-def test_finetune_rejects_bad_arguments(ops, tiny):
-    rainy, clean = _pairs(ops, n=1)
+def test_finetune_rejects_bad_arguments(node_logic, tiny):
+    rainy, clean = _pairs(node_logic, n=1)
     with pytest.raises(ValueError, match="schedule"):
-        ops.finetune(tiny, rainy, clean, steps=1, lr=1e-4, schedule="adam")
+        node_logic.finetune(tiny, rainy, clean, steps=1, lr=1e-4, schedule="adam")
     with pytest.raises(ValueError, match="learning rate"):
-        ops.finetune(tiny, rainy, clean, steps=1, lr=0.0)
+        node_logic.finetune(tiny, rainy, clean, steps=1, lr=0.0)
     with pytest.raises(ValueError, match="same size"):
-        ops.finetune(tiny, rainy, clean[..., :30], steps=1, lr=1e-4)
+        node_logic.finetune(tiny, rainy, clean[..., :30], steps=1, lr=1e-4)
 
 
-def test_loss_chart_is_an_image(ops):
-    im = ops.loss_chart({"total": [1.0, 0.5, 0.25], "ssim": [0.3, 0.2, 0.1]}, "t")
+def test_loss_chart_is_an_image(node_logic):
+    im = node_logic.loss_chart({"total": [1.0, 0.5, 0.25], "ssim": [0.3, 0.2, 0.1]}, "t")
     assert im.shape[0] == 1 and im.shape[-1] == 3 and float(im.min()) < 0.5 < float(im.max())
 
 
-def test_finetune_on_a_single_16px_pair_with_a_larger_patch(ops, tiny):
+def test_finetune_on_a_single_16px_pair_with_a_larger_patch(node_logic, tiny):
     """The smallest pair the node accepts, with the default 128-px patch: crops shrink to the image, no error."""
-    rainy, clean = _pairs(ops, n=1, size=16)
-    res = ops.finetune(tiny, rainy, clean, steps=2, lr=1e-4, patch=128, batch_size=4)
+    rainy, clean = _pairs(node_logic, n=1, size=16)
+    res = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-4, patch=128, batch_size=4)
     assert all(torch.isfinite(torch.tensor(v)).all() for v in res.history.values())
     with pytest.raises(ValueError, match="at least 16x16"):
-        ops.check_pairs(torch.rand(1, 3, 15, 15), torch.rand(1, 3, 15, 15))
+        node_logic.check_pairs(torch.rand(1, 3, 15, 15), torch.rand(1, 3, 15, 15))
