@@ -21,16 +21,36 @@ DEFAULT_OVERLAP = 64
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(name: str, device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA GPUs that support it, else fp16 on CUDA, else fp32."""
-    if name == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def torch_supports(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` runs ``dtype`` well, as torch alone can tell: bf16 on CUDA GPUs that support it,
+    fp16 on any CUDA GPU; nothing below fp32 on other devices."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.is_bf16_supported() if dtype == torch.bfloat16 else dtype == torch.float16
+
+
+def resolve_dtype(name: str, device, supports: Callable[[torch.dtype], bool] | None = None) -> torch.dtype:
+    """The one dtype policy (CLI, nodes, batch jobs). fp32/fp16/bf16 as named (bf16 is refused on Apple MPS);
+    'auto' -> fp32 on the CPU, else bf16 where the device runs it well (never on MPS), else fp16 where it
+    does, else fp32. ``supports(dtype)`` says what the device runs well; default :func:`torch_supports`
+    (a host such as ComfyUI passes its own answer)."""
+    dev = torch.device(device)
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+        if name == "bf16" and dev.type == "mps":
+            raise ValueError("bf16 is not supported on Apple MPS; use fp16 or fp32")
+        return DTYPES[name]
+    if dev.type == "cpu":
         return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
-    return DTYPES[name]
+    if supports is None:
+        def supports(dt):
+            return torch_supports(dt, dev)
+    if dev.type != "mps" and supports(torch.bfloat16):
+        return torch.bfloat16
+    if supports(torch.float16):
+        return torch.float16
+    return torch.float32
 
 
 class DeviceError(ValueError):

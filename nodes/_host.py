@@ -13,6 +13,7 @@ import comfy.utils
 import folder_paths
 
 from ..cliprpn_core import DEFAULT_MODEL_NAME
+from ..cliprpn_core.inference import resolve_dtype
 from . import node_logic
 
 log = logging.getLogger("CLIP-RPN")
@@ -105,23 +106,11 @@ def offload_device(choice: str) -> torch.device:
 
 
 def pick_dtype(choice: str, device: torch.device, params: int = 0) -> torch.dtype:
-    if choice == "fp32":
-        return torch.float32
-    if choice == "fp16":
-        return torch.float16
-    if choice == "bf16":
-        if device.type == "mps":
-            raise ValueError("bf16 is not supported on Apple MPS; use fp16 or fp32")
-        return torch.bfloat16
-    if choice != "auto":
-        raise ValueError(f"unknown dtype {choice!r}; use auto, fp32, fp16 or bf16")
-    if device.type == "cpu":
-        return torch.float32
-    if device.type != "mps" and mm.should_use_bf16(device, model_params=params, prioritize_performance=True):
-        return torch.bfloat16
-    if mm.should_use_fp16(device, model_params=params, prioritize_performance=True):
-        return torch.float16
-    return torch.float32
+    """The core's dtype policy (inference.resolve_dtype) with ComfyUI's answer to what ``device`` runs well."""
+    def supports(dtype: torch.dtype) -> bool:
+        ask = mm.should_use_bf16 if dtype == torch.bfloat16 else mm.should_use_fp16
+        return bool(ask(device, model_params=params, prioritize_performance=True))
+    return resolve_dtype(choice, device, supports)
 
 
 def make_patcher(module: torch.nn.Module, device_choice: str):

@@ -224,3 +224,20 @@ def test_check_with_self_ensemble_tiles_and_progress(derainer):
     assert torch.allclose(r.images, ref.images, atol=1e-6)
     total = calls[-1][1]
     assert all(n == total for _, n in calls) and calls[-1][0] == total  # one bar, ends full
+
+
+def test_one_dtype_policy():
+    from cliprpn_core.inference import resolve_dtype
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu, lambda dt: True) == torch.float32  # never below fp32 on the CPU
+    assert resolve_dtype("auto", cuda, lambda dt: True) == torch.bfloat16
+    assert resolve_dtype("auto", cuda, lambda dt: dt == torch.float16) == torch.float16
+    assert resolve_dtype("auto", cuda, lambda dt: False) == torch.float32
+    assert resolve_dtype("auto", mps, lambda dt: True) == torch.float16  # no bf16 on MPS
+    assert resolve_dtype("auto", mps) == torch.float32  # torch alone vouches for nothing below fp32 there
+    assert resolve_dtype("fp16", cpu) == torch.float16 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="MPS"):
+        resolve_dtype("bf16", mps)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("fp8", cpu)
