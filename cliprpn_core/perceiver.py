@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,9 +172,12 @@ def _load_clip(path, arch, device):
     return RainPerceiver(model, tok, tuple(pp["mean"]), tuple(pp["std"]), int(size), name).to(device)
 
 
-def download_clip(choice: str, dest_dir, progress=True) -> Path:
+def download_clip(choice: str, dest_dir, progress: Callable[[int, int], None] | None = None) -> Path:
     """Fetch a supported CLIP model (online machines only) into ``dest_dir`` as
-    ``<ARCH>__<TAG>.safetensors``, atomically. Uses open_clip's hub names (HF_ENDPOINT is honoured)."""
+    ``<ARCH>__<TAG>.safetensors``, atomically. Uses open_clip's hub names (HF_ENDPOINT is honoured).
+    ``progress(done_bytes, total_bytes)``, when given, follows the download and is called once more with
+    the whole file before it is copied into place (an exception raised there, e.g. a host's Cancel, stops
+    before anything is written to ``dest_dir``)."""
     open_clip = _import_open_clip()
     if choice not in SUPPORTED_CLIP:
         raise ValueError(f"unknown CLIP choice {choice!r}; supported: {', '.join(SUPPORTED_CLIP)}")
@@ -186,7 +190,28 @@ def download_clip(choice: str, dest_dir, progress=True) -> Path:
 
     from .imageio import atomic_write_bytes
     dest = Path(dest_dir) / f"{arch}__{tag}.safetensors"
-    src = hf_hub_download(hub, filename="open_clip_model.safetensors", cache_dir=str(Path(dest_dir) / ".cache"))
+    extra = {} if progress is None else {"tqdm_class": _progress_tqdm(progress)}
+    src = hf_hub_download(hub, filename="open_clip_model.safetensors", cache_dir=str(Path(dest_dir) / ".cache"),
+                          **extra)
+    if progress is not None:
+        size = Path(src).stat().st_size
+        progress(size, size)
     import shutil
     atomic_write_bytes(dest, lambda tmp: shutil.copyfile(src, tmp))
     return dest
+
+
+def _progress_tqdm(progress: Callable[[int, int], None]):
+    """A tqdm class (huggingface_hub's ``tqdm_class``) that also reports its bytes to ``progress(done, total)``."""
+    from tqdm.auto import tqdm
+
+    class ProgressTqdm(tqdm):
+        done = 0  # counted here: a disabled console bar (HF_HUB_DISABLE_PROGRESS_BARS) does not count
+
+        def update(self, n=1):
+            out = super().update(n)
+            self.done += n or 0
+            if self.total:
+                progress(min(int(self.done), int(self.total)), int(self.total))
+            return out
+    return ProgressTqdm

@@ -30,44 +30,11 @@ def _clip_path(choice: str) -> Path:
             return Path(root) / fname
     dest = H.save_dir()
     log.info("CLIP-RPN: downloading CLIP %s into %s", name, dest)
-    try:
-        return download_with_progress(name, dest)
+    try:  # the bytes on the node's progress bar, which is also where Cancel is checked
+        return perceiver.download_clip(name, dest, progress=H.Progress(1))
     except Exception as e:
         raise RuntimeError(f"could not download CLIP {name!r} into {dest} ({type(e).__name__}: {e}). Offline? "
                            f"Put {fname} into {dest} by hand, or choose '{node_logic.CLIP_NONE}'") from e
-
-
-def download_with_progress(name: str, dest: Path) -> Path:
-    """cliprpn_core.perceiver.download_clip, with the bytes shown on the node's progress bar (and
-    Cancel checked) through huggingface_hub's ``tqdm_class``. Same hub names, same atomic copy to
-    ``<ARCH>__<TAG>.safetensors``; HF_ENDPOINT is honoured."""
-    import shutil
-
-    from huggingface_hub import hf_hub_download
-    from tqdm.auto import tqdm
-
-    from ..cliprpn_core.imageio import atomic_write_bytes
-    from ..cliprpn_core.perceiver import SUPPORTED_CLIP, _import_open_clip
-
-    arch, tag = SUPPORTED_CLIP[name]
-    hub = _import_open_clip().get_pretrained_cfg(arch, tag).get("hf_hub", "").rstrip("/")
-    if not hub:
-        raise ValueError(f"{name}: open_clip has no hub name for {arch}/{tag}")
-    bar = H.Progress(1)
-
-    class NodeTqdm(tqdm):
-        def update(self, n=1):
-            out = super().update(n)
-            if self.total:
-                bar(min(int(self.n), int(self.total)), int(self.total))
-            return out
-
-    src = hf_hub_download(hub, filename="open_clip_model.safetensors", cache_dir=str(Path(dest) / ".cache"),
-                          tqdm_class=NodeTqdm)
-    H.check_cancel()
-    out = Path(dest) / f"{arch}__{tag}.safetensors"
-    atomic_write_bytes(out, lambda tmp: shutil.copyfile(src, tmp))
-    return out
 
 
 def load_handle(checkpoint: str, clip: str, device: str, dtype: str) -> node_logic.ModelHandle:

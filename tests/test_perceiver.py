@@ -85,3 +85,39 @@ def test_wrong_architecture_named(tiny_clip_files, tmp_path):
     shutil.copy(tiny_clip_files[0], wrong)
     with pytest.raises(ValueError, match="does not fit architecture ViT-B-32"):
         load_clip(wrong)
+
+
+def test_download_clip_reports_progress_and_stops_before_writing(tmp_path, monkeypatch):
+    """download_clip's progress callback follows the bytes (the ComfyUI loader's bar) and is called once with
+    the whole file before the copy: an exception there (Cancel) leaves nothing in the destination."""
+    import huggingface_hub
+
+    from cliprpn_core.perceiver import download_clip
+    blob = tmp_path / "hub" / "open_clip_model.safetensors"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x" * 10)
+    asked = []
+
+    def fake_download(repo_id, filename, cache_dir=None, tqdm_class=None):
+        asked.append(repo_id)
+        if tqdm_class is not None:
+            with tqdm_class(total=10, disable=True) as bar:  # disabled console bar: still counted
+                bar.update(4)
+                bar.update(6)
+        return str(blob)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    seen = []
+    out = download_clip("ViT-B-32 LAION-2B", tmp_path / "dest", progress=lambda d, n: seen.append((d, n)))
+    assert out == tmp_path / "dest" / "ViT-B-32__laion2b_s34b_b79k.safetensors" and out.read_bytes() == b"x" * 10
+    assert seen == [(4, 10), (10, 10), (10, 10)] and len(asked) == 1  # the bytes, then the whole file once more
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(d, n):
+        if d == n:
+            raise Cancelled
+    with pytest.raises(Cancelled):
+        download_clip("ViT-B-32 OpenAI", tmp_path / "dest2", progress=cancel)
+    assert not list((tmp_path / "dest2").glob("*.safetensors"))
+    assert download_clip("ViT-B-32 LAION-2B", tmp_path / "dest3").exists()  # no callback: the hub's own bar
