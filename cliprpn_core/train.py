@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -125,11 +126,51 @@ def _check_types(d: dict) -> None:
             raise ValueError(f"training option {k} must be {_TYPE_NAMES.get(want, want.__name__)}, got {v!r}")
 
 
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float = 0.0, warmup_steps: int = 0) -> float:
+    """Learning rate at ``step`` (0-based) of ``steps``: a linear warm-up to ``lr`` over ``warmup_steps``, then
+    a cosine decay to ``min_lr`` at ``steps`` (held there after)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
 def lr_at(step, cfg: TrainConfig):
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+
+
+class TrainStep:
+    """The optimisation step every training loop here shares (:class:`Trainer`, ``finetune.finetune``): AdamW
+    over ``params``, the learning rate ``lr_at(step)`` set before each step, then per step a non-finite loss
+    check, backward, gradient-norm clipping of ``clip_params`` (default: ``params``) to ``grad_clip`` and
+    the update. ``opt`` is the optimizer (its state is what a training state saves)."""
+
+    def __init__(self, params, lr: float, lr_at: Callable[[int], float], grad_clip: float, clip_params=None,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+        params = list(params)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+        self.lr_at = lr_at
+        self.grad_clip = grad_clip
+        self.clip_params = params if clip_params is None else list(clip_params)
+
+    def set_lr(self, step: int) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(step)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def __call__(self, loss: torch.Tensor, error: Callable[[], str]) -> torch.Tensor:
+        """One update from ``loss``; FloatingPointError(``error()``) instead when the loss is not finite (nothing
+        is changed then). -> the gradient norm before clipping."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(error())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.clip_params, self.grad_clip)
+        self.opt.step()
+        return gn
 
 
 def _dist():
@@ -202,7 +243,10 @@ class Trainer:
         self.mask_loss = MaskLoss().to(self.device)
         self.balance = LoadBalanceLoss()
         params = [p for p in self.model.parameters() if p.requires_grad] + list(self.schedule.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        # the loss schedule's own weights (uncertainty) are trained but not clipped
+        self.optim = TrainStep(params, cfg.lr, lambda step: lr_at(step, self.cfg), cfg.grad_clip,
+                               clip_params=self.model.parameters(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.opt = self.optim.opt
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -299,16 +343,10 @@ class Trainer:
         return total, terms, logs
 
     def train_step(self):
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg)
+        self.optim.set_lr(self.step)
         batch = self.source.batch(self.cfg.batch_size, self.cfg.patch_size, self.gen, self.device)
         total, terms, logs = self.compute_losses(batch)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}; lower lr or check the data")
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
+        gn = self.optim(total, lambda: f"non-finite loss at step {self.step}: {logs}; lower lr or check the data")
         self.schedule.observe({k: float(v.detach()) for k, v in terms.items()})
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
@@ -317,7 +355,7 @@ class Trainer:
             for be, bm in zip(self.ema.buffers(), self.model.buffers()):
                 be.copy_(bm)
         self.step += 1
-        logs.update(step=self.step, lr=self.opt.param_groups[0]["lr"], grad_norm=float(gn),
+        logs.update(step=self.step, lr=self.optim.lr, grad_norm=float(gn),
                     weights=self.schedule.current_weights(self.step, self.cfg.steps))
         return logs
 

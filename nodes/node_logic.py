@@ -1,22 +1,22 @@
-"""What the CLIP-RPN nodes do, without ComfyUI: tensor layout, socket payloads, model files,
-charts, tiling with OOM back-off, synthesis and the in-memory fine-tune loop.
+"""What the CLIP-RPN nodes do, in plain tensor code without ComfyUI: IMAGE/MASK layout, the socket payloads
+(RAIN_PATTERN, RAIN_ROUTING, CLIPRPN_MODEL), expert choices, charts, the model folder's files and save
+names, tiling with OOM back-off, and the synthesis wrapper. The model logic itself (inference, the fine-tune
+loop) is cliprpn_core's.
 
 Nothing here imports ComfyUI, so it is unit-tested directly; ``_host.py`` supplies the host
 services (devices, progress, Cancel) as plain callables."""
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..cliprpn_core import patterns as P
 from ..cliprpn_core import plotting
-from ..cliprpn_core.arch import pattern_probs
+from ..cliprpn_core.finetune import loss_curve, rgb_only
 from ..cliprpn_core.losses import PRESETS
 
 CLIP_NONE = "none (built-in pattern head)"
@@ -56,16 +56,6 @@ def mask_to_b1hw(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask.dim() != 3:
         raise ValueError(f"mask must be a MASK [B,H,W], got shape {tuple(mask.shape)}")
     return mask[:, None].float()
-
-
-def rgb_only(x_bchw: torch.Tensor) -> torch.Tensor:
-    """[B,C,H,W] with C in 1..4 -> [B,3,H,W] (gray expanded, alpha dropped)."""
-    c = x_bchw.shape[1]
-    if c in (1, 2):
-        return x_bchw[:, :1].expand(-1, 3, -1, -1)
-    if c in (3, 4):
-        return x_bchw[:, :3]
-    raise ValueError(f"image has {c} channels; CLIP-RPN takes 1-4 channels. Convert it to RGB first")
 
 
 # -- socket payloads ---------------------------------------------------------------------------
@@ -156,7 +146,8 @@ def pattern_chart(pattern: RainPattern) -> torch.Tensor:
 
 
 def loss_chart(history: dict[str, list[float]], title: str) -> torch.Tensor:
-    return torch.from_numpy(plotting.to_array(plotting.line_chart(history, title=title)))[None]
+    """The fine-tune's loss curve as an IMAGE [1,H,W,3]."""
+    return bchw_to_bhwc(loss_curve(history, title))
 
 
 # -- model files --------------------------------------------------------------------------------
@@ -264,20 +255,6 @@ def run_with_backoff(fn: Callable[[int | None], object], tile: int | None, is_oo
             tile = nxt
 
 
-def check_pairs(rainy: torch.Tensor, clean: torch.Tensor):
-    if rainy.shape[0] != clean.shape[0]:
-        raise ValueError(f"rainy batch has {rainy.shape[0]} images but clean has {clean.shape[0]}; "
-                         "give one clean image per rainy image")
-    if rainy.shape[-2:] != clean.shape[-2:]:
-        raise ValueError(f"rainy images are {rainy.shape[-1]}x{rainy.shape[-2]} but clean are "
-                         f"{clean.shape[-1]}x{clean.shape[-2]}; pairs must be the same size")
-    for what, t in (("rainy", rainy), ("clean", clean)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{what} images contain NaN or Inf values")
-        if min(t.shape[-2:]) < 16:
-            raise ValueError(f"{what} images are {t.shape[-1]}x{t.shape[-2]}; fine-tuning needs at least 16x16")
-
-
 # -- synthesis ---------------------------------------------------------------------------------
 
 def synthesize_rain(clean_bchw: torch.Tensor, seed: int, regime: str = REGIME_RANDOM):
@@ -288,118 +265,3 @@ def synthesize_rain(clean_bchw: torch.Tensor, seed: int, regime: str = REGIME_RA
     reg = None if regime in (None, REGIME_RANDOM) else [P.EXPERTS.index(regime)] * clean.shape[0]
     s = synthesize(clean, gen, regime=reg)
     return s.rainy.clamp(0, 1), s.mask.clamp(0, 1)
-
-
-# -- fine-tuning --------------------------------------------------------------------------------
-
-@dataclass
-class FinetuneResult:
-    model: torch.nn.Module
-    history: dict[str, list[float]]
-
-
-def pseudo_rain_mask(rainy: torch.Tensor, clean: torch.Tensor, thresh: float = 0.04) -> torch.Tensor:
-    """Where the rain layer visibly changes the pixel (the target the mask estimator learns)."""
-    return ((rainy - clean).abs().amax(1, keepdim=True) > thresh).float()
-
-
-def finetune(model: torch.nn.Module, *args, **kw) -> FinetuneResult:
-    """Fine-tune a copy of ``model`` (see ``_finetune``). ComfyUI runs nodes under
-    ``torch.inference_mode``; training needs autograd, and tensors made in inference mode
-    (the loaded weights, the input images) are cloned into ordinary tensors first."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _finetune(model, *args, **kw)
-
-
-def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A trainable copy with ordinary (non-inference) float32 tensors, on the CPU."""
-    net = type(model)(model.config)
-    net.load_state_dict({k: v.detach().clone().float().cpu() for k, v in model.state_dict().items()})
-    return net
-
-
-def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
-             schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
-             device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
-             perceive: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             preview: Callable[[Callable], None] | None = None) -> FinetuneResult:
-    """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,3,H,W] 0..1, same sizes).
-
-    Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
-    e.g. CLIP) as a one-hot top-1, so the experts that would run on such rain are the ones
-    trained. ``on_step(done, total)`` is called after each step (progress and Cancel: an
-    exception raised there aborts without touching ``model``). ``preview``, when given, is called before
-    each ``on_step`` with ``image(max_side=None)`` -> the loss curve so far [1,3,H,W] (drawn only when
-    called)."""
-    from ..cliprpn_core import losses as L
-    if schedule not in L.PRESETS:
-        raise ValueError(f"unknown loss schedule {schedule!r}; use one of {', '.join(L.PRESETS)}")
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"learning rate must be > 0, got {lr}")
-    rainy, clean = rgb_only(rainy).float().clone(), rgb_only(clean).float().clone()
-    check_pairs(rainy, clean)
-    device = torch.device(device)
-    net = fresh_copy(model).to(device).train().requires_grad_(True)
-    net = net.to(memory_format=torch.contiguous_format)
-    # the pattern head and router stay as they are: pairs carry no pattern labels
-    net.pattern_head.requires_grad_(False)
-    net.router.requires_grad_(False)
-    sched = L.build_schedule(L.PRESETS[schedule]).to(device)
-    terms_fn = {k: L.LOSSES[k]().to(device) for k in sched.names}
-    mask_loss = L.MaskLoss().to(device)
-    params = [p for p in net.parameters() if p.requires_grad] + list(sched.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(int(seed))
-
-    b, _, h, w = rainy.shape
-    with torch.no_grad():
-        if perceive is not None:
-            probs = perceive(rainy).float().cpu()
-        else:
-            probs = pattern_probs(net.perceive(rainy.to(device))).cpu()
-        routing = net.router(probs.to(device)).argmax(-1).cpu()
-    ph, pw = min(patch, h), min(patch, w)
-    m = model.config.pad_multiple
-    ph, pw = max(m, ph // m * m), max(m, pw // m * m)
-    history: dict[str, list[float]] = {"total": []}
-    for step in range(steps):
-        for g in opt.param_groups:  # cosine decay to 10 %
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(0, b, (min(batch_size, max(b, 1)),), generator=gen)
-        ys = torch.randint(0, h - ph + 1, (len(idx),), generator=gen)
-        xs = torch.randint(0, w - pw + 1, (len(idx),), generator=gen)
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        crops_r, crops_c = [], []
-        for i, y, x, f in zip(idx.tolist(), ys.tolist(), xs.tolist(), flip.tolist()):
-            r, c = rainy[i, :, y:y + ph, x:x + pw], clean[i, :, y:y + ph, x:x + pw]
-            if f:
-                r, c = r.flip(-1), c.flip(-1)
-            crops_r.append(r)
-            crops_c.append(c)
-        xr, xc = torch.stack(crops_r).to(device), torch.stack(crops_c).to(device)
-        onehot = F.one_hot(routing[idx], model.config.num_experts).float().to(device)
-        img, mlog, _ = net.restore(xr, onehot)
-        img = img.float()
-        terms = {k: fn(img, xc) for k, fn in terms_fn.items()}
-        total = sched(terms, step, steps)
-        if mask_weight:
-            total = total + mask_weight * mask_loss(mlog.float(), pseudo_rain_mask(xr, xc))
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"fine-tune loss became {float(total)} at step {step + 1}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        vals = {k: float(v.detach()) for k, v in terms.items()}
-        sched.observe(vals)
-        history["total"].append(float(total.detach()))
-        for k, v in vals.items():
-            history.setdefault(k, []).append(v)
-        if preview is not None:
-            preview(lambda max_side=None: loss_chart(history, f"fine-tune loss ({schedule})").movedim(-1, 1))
-        if on_step is not None:
-            on_step(step + 1, steps)
-    net.eval().requires_grad_(False)
-    return FinetuneResult(net, history)

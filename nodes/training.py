@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..cliprpn_core import DEFAULT_MODEL_NAME, default_model_path, save_model
 from ..cliprpn_core import node_names as N
 from ..cliprpn_core.checkpoint import read_metadata
+from ..cliprpn_core.finetune import check_pairs, finetune, rgb_only
 from ..cliprpn_core.patterns import EXPERTS
 from . import _host as H
 from . import node_logic
@@ -108,7 +109,7 @@ class LossScheduledFinetune(io.ComfyNode):
                 raise ValueError("refusing to overwrite the shipped default model")
             node_logic.check_overwrite(dest, read_metadata)  # checked before training, and again before saving
         r, c = node_logic.bhwc_to_bchw(rainy, "rainy"), node_logic.bhwc_to_bchw(clean, "clean")
-        node_logic.check_pairs(node_logic.rgb_only(r), node_logic.rgb_only(c))
+        check_pairs(rgb_only(r), rgb_only(c))
         device = H.load_to_device(model) if model.patcher is not None else torch.device("cpu")
         bar = H.Progress(steps)
         perceive = None
@@ -117,9 +118,9 @@ class LossScheduledFinetune(io.ComfyNode):
             d = derainer(model)
             perceive = lambda x: d.perceive(x)[0]  # noqa: E731
         H.check_cancel()
-        res = node_logic.finetune(model.model, r, c, steps=steps, lr=learning_rate, schedule=schedule, patch=patch_size,
-                           batch_size=batch_size, seed=seed, device=device, on_step=bar, perceive=perceive,
-                           preview=bar.offer)
+        res = finetune(model.model, r, c, steps=steps, lr=learning_rate, schedule=schedule, patch=patch_size,
+                       batch_size=batch_size, seed=seed, device=device, on_step=bar, perceive=perceive,
+                       preview=bar.offer)
         last = {k: v[-1] for k, v in res.history.items() if v}
         report = f"fine-tuned {model.name} for {steps} steps ({schedule}); final " + \
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items())

@@ -1,4 +1,5 @@
-"""Unit tests of what the nodes do, without ComfyUI (nodes/node_logic.py)."""
+"""Unit tests of what the nodes do, without ComfyUI (nodes/node_logic.py). The fine-tune loop the Fine-tune
+node runs is the core's (tests/test_finetune.py)."""
 from __future__ import annotations
 
 import pytest
@@ -186,19 +187,7 @@ def test_backoff_gives_up_below_min_and_passes_other_errors(node_logic):
     assert calls[-1] == "bad" and calls.count("bad") == 1
 
 
-# -- pairs, synthesis ------------------------------------------------------------------------------
-
-def test_check_pairs(node_logic):
-    node_logic.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="2 images but clean has 1"):
-        node_logic.check_pairs(torch.rand(2, 3, 32, 32), torch.rand(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="same size"):
-        node_logic.check_pairs(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 40))
-    x = torch.rand(1, 3, 32, 32)
-    x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        node_logic.check_pairs(x, torch.rand(1, 3, 32, 32))
-
+# -- synthesis -------------------------------------------------------------------------------------
 
 def test_synthesize_rain_is_reproducible(node_logic):
     clean = torch.rand(2, 4, 48, 40)  # RGBA: alpha is dropped
@@ -213,85 +202,6 @@ def test_synthesize_rain_is_reproducible(node_logic):
     assert rv.shape == (2, 3, 48, 40)
 
 
-# -- fine-tuning -------------------------------------------------------------------------------------
-
-def _pairs(node_logic, n=2, size=32):
-    g = torch.Generator().manual_seed(0)
-    clean = torch.rand(n, 3, size, size, generator=g) * 0.5 + 0.25
-    clean = torch.nn.functional.avg_pool2d(clean, 3, 1, 1)
-    rainy, _ = node_logic.synthesize_rain(clean, seed=1, regime="heavy_streaks")
-    return rainy, clean
-
-
-def test_finetune_learns_and_leaves_the_loaded_model_alone(node_logic, tiny):
-    rainy, clean = _pairs(node_logic, n=2, size=24)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    steps_seen = []
-    with torch.inference_mode():  # ComfyUI runs nodes like this: training must still work
-        res = node_logic.finetune(tiny, rainy, clean, steps=12, lr=3e-3, schedule="charbonnier", patch=16, batch_size=2,
-                           seed=0, on_step=lambda i, n: steps_seen.append((i, n)))
-    assert steps_seen[0] == (1, 12) and steps_seen[-1] == (12, 12)
-    h = res.history["total"]
-    assert len(h) == 12 and len(res.history["charbonnier"]) == 12
-    assert sum(h[-3:]) / 3 < sum(h[:3]) / 3  # it learns
-    for k, v in tiny.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert res.model is not tiny and not res.model.training
-    assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), before.values()))
-
-
-def test_finetune_is_deterministic(node_logic, tiny):
-    rainy, clean = _pairs(node_logic, n=2, size=24)
-    a = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
-    b = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-3, schedule="mix", patch=16, seed=5)
-    assert a.history == b.history
-
-
-@pytest.mark.parametrize("schedule", ["curriculum", "dwa", "uncertainty", "equal_mix", "psnr", "psnr_mix", "psnr_dwa",
-                                      "psnr_equal", "psnr_uncertainty"])
-def test_finetune_schedules_run(node_logic, tiny, schedule):
-    rainy, clean = _pairs(node_logic, n=1, size=24)
-    res = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-4, schedule=schedule, patch=16)
-    assert len(res.history["total"]) == 2 and all(map(lambda v: v == v, res.history["total"]))
-
-
-class Cancelled(BaseException):
-    """Like ComfyUI's InterruptProcessingException (a BaseException)."""
-
-
-def test_finetune_cancel_aborts_without_result(node_logic, tiny):
-    rainy, clean = _pairs(node_logic, n=1, size=16)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-
-    def cancel_at_3(i, n):
-        if i == 3:
-            raise Cancelled()
-
-    with pytest.raises(Cancelled):
-        node_logic.finetune(tiny, rainy, clean, steps=50, lr=1e-3, patch=16, batch_size=1, on_step=cancel_at_3)
-    for k, v in tiny.state_dict().items():
-        assert torch.equal(v, before[k])
-
-
-def test_finetune_rejects_bad_arguments(node_logic, tiny):
-    rainy, clean = _pairs(node_logic, n=1)
-    with pytest.raises(ValueError, match="schedule"):
-        node_logic.finetune(tiny, rainy, clean, steps=1, lr=1e-4, schedule="adam")
-    with pytest.raises(ValueError, match="learning rate"):
-        node_logic.finetune(tiny, rainy, clean, steps=1, lr=0.0)
-    with pytest.raises(ValueError, match="same size"):
-        node_logic.finetune(tiny, rainy, clean[..., :30], steps=1, lr=1e-4)
-
-
 def test_loss_chart_is_an_image(node_logic):
     im = node_logic.loss_chart({"total": [1.0, 0.5, 0.25], "ssim": [0.3, 0.2, 0.1]}, "t")
     assert im.shape[0] == 1 and im.shape[-1] == 3 and float(im.min()) < 0.5 < float(im.max())
-
-
-def test_finetune_on_a_single_16px_pair_with_a_larger_patch(node_logic, tiny):
-    """The smallest pair the node accepts, with the default 128-px patch: crops shrink to the image, no error."""
-    rainy, clean = _pairs(node_logic, n=1, size=16)
-    res = node_logic.finetune(tiny, rainy, clean, steps=2, lr=1e-4, patch=128, batch_size=4)
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in res.history.values())
-    with pytest.raises(ValueError, match="at least 16x16"):
-        node_logic.check_pairs(torch.rand(1, 3, 15, 15), torch.rand(1, 3, 15, 15))

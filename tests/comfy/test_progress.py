@@ -120,13 +120,27 @@ def test_mask_estimator_reports_every_tile_with_a_preview(nodes_env, handle):
 
 
 def test_finetune_previews_its_loss_curve(nodes_env, handle):
-    node_logic, st = nodes_env.node_logic, nodes_env.state
+    st = nodes_env.state
     bar = nodes_env.host.Progress(3, every=0.0)
     rainy, clean = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
-    node_logic.finetune(handle.model, rainy, clean, steps=3, lr=1e-4, patch=32, batch_size=1, on_step=bar,
-                        preview=bar.offer)
+    finetune = importlib.import_module(f"{PACK_NAME}.cliprpn_core.finetune").finetune
+    finetune(handle.model, rainy, clean, steps=3, lr=1e-4, patch=32, batch_size=1, on_step=bar, preview=bar.offer)
     assert [v for v, _ in st.progress] == [1, 2, 3] and [v for v, _ in st.previews] == [1, 2, 3]
     _check_preview(st.previews[-1][1])
+
+
+def test_finetune_node_drives_the_core_loop_with_its_bar(nodes_env, handle):
+    """The Fine-tune node runs cliprpn_core.finetune with its progress bar (progress, previews, Cancel)."""
+    st = nodes_env.state
+    training = importlib.import_module(f"{PACK_NAME}.nodes.training")
+    out = training.LossScheduledFinetune.execute(handle, torch.rand(1, 32, 32, 3), torch.rand(1, 32, 32, 3), steps=3,
+                                                 schedule="charbonnier", patch_size=32, batch_size=1)
+    assert [v for v, _ in st.progress] == [1, 2, 3]
+    assert st.previews[0][0] == 1 and st.previews[-1][0] == 3  # the first, then at most every 0.5 s, and the last
+    _check_preview(st.previews[-1][1])
+    model, curve, report = out
+    assert report.startswith("fine-tuned tiny for 3 steps (charbonnier)") and curve.shape[-1] == 3
+    assert model.model is not handle.model
 
 
 # -- V3 conventions ----------------------------------------------------------------------------------

@@ -403,9 +403,9 @@ def _results() -> dict:
         mask = getattr(mask, "mask", mask)
     expert = EXPERTS[int(torch.as_tensor(weights)[0].argmax())]
     # the fine-tune demo as the workflow runs it: synthetic rain on clean.png, 30 steps, derain
-    node_logic = _node_logic()
-    synth, _m = node_logic.synthesize_rain(clean, 0, FINETUNE_REGIME)
-    res = node_logic.finetune(model, synth, clean, steps=30, lr=1e-4, schedule="mix", patch=64, batch_size=2, seed=0)
+    from cliprpn_core.finetune import finetune
+    synth, _m = _node_logic().synthesize_rain(clean, 0, FINETUNE_REGIME)
+    res = finetune(model, synth, clean, steps=30, lr=1e-4, schedule="mix", patch=64, batch_size=2, seed=0)
     with torch.no_grad():
         tuned = Derainer(res.model, None).derain(synth).images
     m = torch.nn.functional.max_pool2d(torch.as_tensor(mask).float().reshape(1, 1, *rainy.shape[-2:]), 5, 1, 2)

@@ -1,0 +1,168 @@
+"""Fine-tune on in-memory rainy/clean pairs (what the Loss-scheduled Fine-tune node runs): random crops of the
+pairs, routed by the model's own perception, through the optimisation step the Trainer uses
+(``train.TrainStep``: AdamW, cosine learning rate, non-finite check, clipping)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import losses as L
+from . import plotting
+from .arch import pattern_probs
+from .train import TrainStep, cosine_lr
+
+MIN_SIDE = 16  # smallest pair side a fine-tune takes
+GRAD_CLIP = 1.0
+FINAL_LR = 0.1  # the learning rate decays to this share of its start
+
+
+@dataclass
+class FinetuneResult:
+    model: torch.nn.Module
+    history: dict[str, list[float]]
+
+
+def rgb_only(x_bchw: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] with C in 1..4 -> [B,3,H,W] (gray expanded, alpha dropped)."""
+    c = x_bchw.shape[1]
+    if c in (1, 2):
+        return x_bchw[:, :1].expand(-1, 3, -1, -1)
+    if c in (3, 4):
+        return x_bchw[:, :3]
+    raise ValueError(f"image has {c} channels; CLIP-RPN takes 1-4 channels. Convert it to RGB first")
+
+
+def check_pairs(rainy: torch.Tensor, clean: torch.Tensor):
+    """Rainy/clean [B,3,H,W] batches a fine-tune can take (ValueError saying what is wrong otherwise)."""
+    if rainy.shape[0] != clean.shape[0]:
+        raise ValueError(f"rainy batch has {rainy.shape[0]} images but clean has {clean.shape[0]}; "
+                         "give one clean image per rainy image")
+    if rainy.shape[-2:] != clean.shape[-2:]:
+        raise ValueError(f"rainy images are {rainy.shape[-1]}x{rainy.shape[-2]} but clean are "
+                         f"{clean.shape[-1]}x{clean.shape[-2]}; pairs must be the same size")
+    for what, t in (("rainy", rainy), ("clean", clean)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what} images contain NaN or Inf values")
+        if min(t.shape[-2:]) < MIN_SIDE:
+            raise ValueError(f"{what} images are {t.shape[-1]}x{t.shape[-2]}; fine-tuning needs at least "
+                             f"{MIN_SIDE}x{MIN_SIDE}")
+
+
+def pseudo_rain_mask(rainy: torch.Tensor, clean: torch.Tensor, thresh: float = 0.04) -> torch.Tensor:
+    """Where the rain layer visibly changes the pixel (the target the mask estimator learns)."""
+    return ((rainy - clean).abs().amax(1, keepdim=True) > thresh).float()
+
+
+def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy with ordinary (non-inference) float32 tensors, on the CPU."""
+    net = type(model)(model.config)
+    net.load_state_dict({k: v.detach().clone().float().cpu() for k, v in model.state_dict().items()})
+    return net
+
+
+def loss_curve(history: dict[str, list[float]], title: str) -> torch.Tensor:
+    """The losses per step as a line chart [1,3,H,W] (0..1)."""
+    return torch.from_numpy(plotting.to_array(plotting.line_chart(history, title=title)))[None].movedim(-1, 1)
+
+
+def finetune(model: torch.nn.Module, *args, **kw) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` (see ``_finetune``). Hosts such as ComfyUI run under
+    ``torch.inference_mode``; training needs autograd, and tensors made in inference mode
+    (the loaded weights, the input images) are cloned into ordinary tensors first."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _finetune(model, *args, **kw)
+
+
+def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, steps: int, lr: float,
+              schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
+              device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
+              perceive: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              preview: Callable[[Callable], None] | None = None) -> FinetuneResult:
+    """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,C,H,W] 0..1, C in 1..4, same sizes).
+
+    Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
+    e.g. CLIP) as a one-hot top-1, so the experts that would run on such rain are the ones
+    trained. The pattern head and router stay as they are (pairs carry no pattern labels). The loss is the
+    ``schedule`` preset (losses.PRESETS) plus ``mask_weight`` times the mask loss against where the pair
+    differs; the learning rate decays from ``lr`` to FINAL_LR of it along a cosine, gradients are
+    clipped to GRAD_CLIP. ``on_step(done, total)`` is called after each step (progress and Cancel: an
+    exception raised there aborts without touching ``model``). ``preview``, when given, is called before
+    each ``on_step`` with ``image(max_side=None)`` -> the loss curve so far [1,3,H,W] (drawn only when
+    called)."""
+    if schedule not in L.PRESETS:
+        raise ValueError(f"unknown loss schedule {schedule!r}; use one of {', '.join(L.PRESETS)}")
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    rainy, clean = rgb_only(rainy).float().clone(), rgb_only(clean).float().clone()
+    check_pairs(rainy, clean)
+    device = torch.device(device)
+    net = fresh_copy(model).to(device).train().requires_grad_(True)
+    net = net.to(memory_format=torch.contiguous_format)
+    net.pattern_head.requires_grad_(False)
+    net.router.requires_grad_(False)
+    sched = L.build_schedule(L.PRESETS[schedule]).to(device)
+    terms_fn = {k: L.LOSSES[k]().to(device) for k in sched.names}
+    mask_loss = L.MaskLoss().to(device)
+    params = [p for p in net.parameters() if p.requires_grad] + list(sched.parameters())
+    optim = TrainStep(params, lr, lambda step: cosine_lr(step, steps, lr, FINAL_LR * lr), GRAD_CLIP)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    h, w = rainy.shape[-2:]
+    with torch.no_grad():
+        if perceive is not None:
+            probs = perceive(rainy).float().cpu()
+        else:
+            probs = pattern_probs(net.perceive(rainy.to(device))).cpu()
+        routing = net.router(probs.to(device)).argmax(-1).cpu()
+    ph, pw = min(patch, h), min(patch, w)
+    m = model.config.pad_multiple
+    ph, pw = max(m, ph // m * m), max(m, pw // m * m)
+    history: dict[str, list[float]] = {"total": []}
+    for step in range(steps):
+        optim.set_lr(step)
+        xr, xc, idx = _crops(rainy, clean, batch_size, ph, pw, gen)
+        xr, xc = xr.to(device), xc.to(device)
+        onehot = F.one_hot(routing[idx], model.config.num_experts).float().to(device)
+        img, mlog, _ = net.restore(xr, onehot)
+        img = img.float()
+        terms = {k: fn(img, xc) for k, fn in terms_fn.items()}
+        total = sched(terms, step, steps)
+        if mask_weight:
+            total = total + mask_weight * mask_loss(mlog.float(), pseudo_rain_mask(xr, xc))
+        optim(total, lambda total=total, step=step: f"fine-tune loss became {float(total)} at step {step + 1}; "
+                                                    "lower the learning rate")
+        vals = {k: float(v.detach()) for k, v in terms.items()}
+        sched.observe(vals)
+        history["total"].append(float(total.detach()))
+        for k, v in vals.items():
+            history.setdefault(k, []).append(v)
+        if preview is not None:
+            preview(lambda max_side=None: loss_curve(history, f"fine-tune loss ({schedule})"))
+        if on_step is not None:
+            on_step(step + 1, steps)
+    net.eval().requires_grad_(False)
+    return FinetuneResult(net, history)
+
+
+def _crops(rainy, clean, batch_size, ph, pw, gen):
+    """Random ``ph`` x ``pw`` crops of random pairs, each mirrored left-right at random -> (rainy, clean, pair
+    indices)."""
+    b, _, h, w = rainy.shape
+    idx = torch.randint(0, b, (min(batch_size, max(b, 1)),), generator=gen)
+    ys = torch.randint(0, h - ph + 1, (len(idx),), generator=gen)
+    xs = torch.randint(0, w - pw + 1, (len(idx),), generator=gen)
+    flip = torch.rand(len(idx), generator=gen) < 0.5
+    crops_r, crops_c = [], []
+    for i, y, x, f in zip(idx.tolist(), ys.tolist(), xs.tolist(), flip.tolist()):
+        r, c = rainy[i, :, y:y + ph, x:x + pw], clean[i, :, y:y + ph, x:x + pw]
+        if f:
+            r, c = r.flip(-1), c.flip(-1)
+        crops_r.append(r)
+        crops_c.append(c)
+    return torch.stack(crops_r), torch.stack(crops_c), idx
