@@ -1,7 +1,7 @@
 """Throughput of `cliprpn batch`: images per minute in-process, through one ComfyUI server and
 through two servers on this machine, and the API overhead per image.
 
-  COMFYUI_DIR=/path/to/ComfyUI python benchmarks/batch_throughput.py [--limit 100] [--threads 1]
+  COMFYUI_DIR=/path/to/ComfyUI python -m benchmarks.batch_throughput [--limit 100] [--threads 1]
 
 Every worker (the in-process model, each server) gets ``--threads`` CPU threads (torch threads /
 OMP_NUM_THREADS), so one vs. two servers shows how the work scales over cores. The model is loaded
@@ -23,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core import batch as B  # noqa: E402
+from cliprpn_core import batch as B
 
-DATA = ROOT.parent / "shared" / "data" / "rain100l" / "rain"
+from .common import DATA as SHARED_DATA
+from .common import ROOT
+
+DATA = SHARED_DATA / "rain100l" / "rain"
 
 
 def comfy_server_module():

@@ -1,25 +1,23 @@
 """Compare the statistics of (rain - clean) of synthetic rain with those of the real training
 pairs in ../shared/data (never a test set), and draw the histograms.
 
-  python benchmarks/calibrate_synthesis.py [--out docs/calibration.png]
+  python -m benchmarks.calibrate_synthesis [--out docs/calibration.png]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core.data import PairedSource, SyntheticSource  # noqa: E402
-from cliprpn_core.plotting import line_chart  # noqa: E402
-from cliprpn_core.synthesis import STYLES, rain_layer_stats, synthesize  # noqa: E402
+from cliprpn_core.data import PairedSource, SyntheticSource, random_crops
+from cliprpn_core.plotting import line_chart
+from cliprpn_core.synthesis import STYLES, rain_layer_stats, synthesize
 
-DATA = ROOT.parent / "shared" / "data"
+from .common import DATA, ROOT
+
 BINS = np.linspace(-0.05, 0.8, 35)
 
 
@@ -45,7 +43,7 @@ def main():
         real[name] = (r, c)
     clean = SyntheticSource([DATA / "clean"], min_side=256)
     g = torch.Generator().manual_seed(0)
-    crops = __import__("cliprpn_core.data", fromlist=["_random_crops"])._random_crops(clean.images, a.n, 256, g, "cpu", (0.5, 1.0))
+    crops = random_crops(clean.images, a.n, 256, g, "cpu", (0.5, 1.0))
     syn = {}
     for style in STYLES:
         for reg, name in ((0, "light_streaks"), (1, "heavy_streaks")):

@@ -1,19 +1,18 @@
 """GPU smoke check of the inference paths: whole image, tiled, and tiled + external mask + flip
 self-ensemble, in fp32/fp16/bf16 on CUDA, against the CPU fp32 result.
 
-  python benchmarks/cuda_check.py
+  python -m benchmarks.cuda_check
 """
-import sys
+import argparse
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cliprpn_core import Derainer, default_model_path, load_model  # noqa: E402
+from cliprpn_core import Derainer, default_model_path, load_model
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     ck = default_model_path()
     ref = Derainer(load_model(ck))  # CPU fp32 reference
     g = torch.Generator().manual_seed(0)

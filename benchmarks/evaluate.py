@@ -1,7 +1,7 @@
 """Rain100L / heavy-set evaluation of CLIP-RPN checkpoints, by the protocol of method.md:
 outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
 
-  python benchmarks/evaluate.py CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
+  python -m benchmarks.evaluate CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
                                 [--check [--check-ratio T]] [--top-k K] [--passes N] [--json out.json]
 
 --experts also forces every image through each single expert (routing vs best single expert) and reports the
@@ -16,38 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.imageio import list_images, read_image, save_image  # noqa: E402
-from cliprpn_core.inference import CHECK_RATIO, Derainer  # noqa: E402
-from cliprpn_core.metrics import evaluate_folders  # noqa: E402
-from cliprpn_core.patterns import EXPERTS  # noqa: E402
+from cliprpn_core.checkpoint import load_model
+from cliprpn_core.inference import CHECK_RATIO, Derainer
+from cliprpn_core.patterns import EXPERTS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def derain_set(derainer, set_dir, **options):
-    """Derain every image of a paired set (rain/, gt/) with ``Derainer.derain(**options)``, write the outputs as
-    8-bit PNG and score them from the files (metrics.evaluate_folders). Returns its result, the expert routing
-    ranked first for each image (by file stem) and the seconds spent deraining."""
-    chosen = {}
-    with tempfile.TemporaryDirectory() as out:
-        t = time.perf_counter()
-        for f in list_images(Path(set_dir) / "rain"):
-            r = derainer.derain(read_image(f), **options)
-            chosen[f.stem] = EXPERTS[int(r.routing[0].argmax())]
-            save_image(r.images[0], Path(out) / (f.stem + ".png"))
-        secs = time.perf_counter() - t
-        ev = evaluate_folders(out, Path(set_dir) / "gt", progress=False, rain_dir=Path(set_dir) / "rain")
-    return ev, chosen, secs
+from .common import DATA, derain_set
 
 
 def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None, check=False,

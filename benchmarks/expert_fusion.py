@@ -12,11 +12,11 @@ image: w = the heavy expert's share, o = (1 - w) * light output + w * heavy outp
 Each rule is applied either to every image the check looks at ("fuse all") or only to those the check keeps
 with the light expert ("check, then fuse": the check's switches to the heavy expert stay whole-image).
 Images whose two best-ranked experts are not both streak experts keep their top-1 output in every row, as at
-run time. The calibration sets are benchmarks/routing_check.py's (training data only); a rule would be
+run time. The calibration sets are benchmarks/routing_check.py's (common.calibration_sets, training data only); a rule would be
 adopted only if the mean of the four set means beats the check at inference.CHECK_RATIO by at least 0.10 dB.
 --report adds test sets as rows that play no part in that choice.
 
-  python benchmarks/expert_fusion.py [CKPT] [--n 16] [--size 256] [--report rain100l heavy_test]
+  python -m benchmarks.expert_fusion [CKPT] [--n 16] [--size 256] [--report rain100l heavy_test]
 
 Protocol Y-PSNR (metrics.psnr_y) on 8-bit-rounded outputs held in memory: a diagnostic, not a benchmark figure.
 """
@@ -30,14 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image  # noqa: E402
-from cliprpn_core.inference import CHECK_EXPERTS, CHECK_RATIO, Derainer, check_candidates, check_choice  # noqa: E402
-from cliprpn_core.metrics import psnr_y  # noqa: E402
-from routing_check import _u8, calibration_args, calibration_sets  # noqa: E402
+from cliprpn_core.checkpoint import load_model
+from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
+from cliprpn_core.inference import CHECK_EXPERTS, CHECK_RATIO, Derainer, check_candidates, check_choice
+from cliprpn_core.metrics import psnr_y
+
+from .common import calibration_args, calibration_sets, to_u8
 
 LIGHT, HEAVY = CHECK_EXPERTS
 
@@ -63,12 +61,12 @@ def measure(d: Derainer, rainy: torch.Tensor, clean: np.ndarray) -> dict:
     (cands,) = check_candidates(torch.zeros_like(ranking), ranking)
     row = {"cands": cands, "clean": clean}
     if len(cands) == 1:
-        row["top1"] = psnr_y(_u8(d.derain(rainy, override=cands[0]).images[0]), clean)
+        row["top1"] = psnr_y(to_u8(d.derain(rainy, override=cands[0]).images[0]), clean)
         return row
     row["m_in"] = d.estimate_mask(rainy)[0, 0]
     for e in (LIGHT, HEAVY):
         out = d.derain(rainy, override=e).images[0]
-        row[e] = {"out": out, "res": d.estimate_mask(out[None])[0, 0], "psnr": psnr_y(_u8(out), clean)}
+        row[e] = {"out": out, "res": d.estimate_mask(out[None])[0, 0], "psnr": psnr_y(to_u8(out), clean)}
     row["top1"] = row[cands[0]]["psnr"]
     return row
 
@@ -97,7 +95,7 @@ def rule_psnr(row: dict, rule) -> float:
     if mode == "check+fuse" and check_pick(row) == HEAVY:
         return row[HEAVY]["psnr"]
     w = weight(row, kind, g, s)
-    return psnr_y(_u8(row[LIGHT]["out"] * (1 - w) + row[HEAVY]["out"] * w), row["clean"])
+    return psnr_y(to_u8(row[LIGHT]["out"] * (1 - w) + row[HEAVY]["out"] * w), row["clean"])
 
 
 RULES = [("check", None, 0, 0)] + [

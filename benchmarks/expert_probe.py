@@ -7,7 +7,7 @@ expert is the best. Training data only (../shared/data/train_pairs_small, heavy_
 what an expert learned about the few real layers it was trained on, e.g. whether the light-streaks expert
 removes Rain200L-style streaks only at the angles of those layers.
 
-  python benchmarks/expert_probe.py [CKPT] [--layers light|heavy] [--rotations -40 -20 0 20 40]
+  python -m benchmarks.expert_probe [CKPT] [--layers light|heavy] [--rotations -40 -20 0 20 40]
                                     [--gains 1.0] [--n 16] [--size 256] [--seed 0]
 
 The protocol's Y-PSNR on 8-bit-rounded tensors held in memory, but over crops with composited real rain,
@@ -16,44 +16,27 @@ not a test set: a diagnostic, not a benchmark figure.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.arch import route  # noqa: E402
-from cliprpn_core.data import RainLayerSource, _random_crops, rotate_center, rotation_crop_size  # noqa: E402
-from cliprpn_core.metrics import psnr_y  # noqa: E402
-from cliprpn_core.patterns import EXPERTS  # noqa: E402
+from cliprpn_core.arch import route
+from cliprpn_core.checkpoint import load_model
+from cliprpn_core.data import RainLayerSource
+from cliprpn_core.metrics import psnr_y
+from cliprpn_core.patterns import EXPERTS
 
-DATA = ROOT.parent / "shared" / "data"
+from .common import DATA, DEFAULT_CHECKPOINT, probe_batches, to_u8
 
 
 def y_psnr_8bit(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-image Y-PSNR [B] of 0..1 tensors [B,3,H,W], both rounded to 8 bits, by metrics.psnr_y."""
-    u8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731
-    return torch.tensor([psnr_y(u8(p), u8(r)) for p, r in zip(pred, ref)])
-
-
-def probe_batches(source: RainLayerSource, n: int, size: int, rotations, gains, seed: int):
-    """Yields (rotation, gain, rainy, clean): the same layer crops and backgrounds for every setting;
-    the layers are taken in turn from all of ``source``'s (build it with ``only`` = light or heavy)."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = _random_crops(source.clean.images, n, size, gen, "cpu", scale_range=(0.5, 1.0))
-    layers = _random_crops(source.layers, n, rotation_crop_size(size), gen, "cpu",
-                           indices=[i % len(source.layers) for i in range(n)])
-    for rot in rotations:
-        lay = rotate_center(layers, torch.full((n,), float(rot)), size)
-        for g in gains:
-            yield rot, g, (clean + lay * g).clamp(0, 1), clean
+    return torch.tensor([psnr_y(to_u8(p), to_u8(r)) for p, r in zip(pred, ref)])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", nargs="?", default=str(ROOT / "models" / "clip_rpn_default.safetensors"))
+    ap.add_argument("checkpoint", nargs="?", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--layers", choices=("light", "heavy"), default="light")
     ap.add_argument("--rotations", type=float, nargs="+", default=[-40, -20, 0, 20, 40])
     ap.add_argument("--gains", type=float, nargs="+", default=[1.0])

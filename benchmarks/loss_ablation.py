@@ -2,8 +2,8 @@
 steps with each loss schedule and seed, evaluate every run on Rain100L by the protocol of method.md
 (benchmarks/evaluate.py: 8-bit PNG outputs, Y-PSNR / SSIM), and print the table.
 
-  python benchmarks/loss_ablation.py [--presets charbonnier mix dwa equal_mix uncertainty psnr_mix psnr_dwa] [--seeds 0 1]
-                                     [--steps 600] [--jobs 2] [--threads T] [--out runs/loss_ablation]
+  python -m benchmarks.loss_ablation [--presets charbonnier mix dwa equal_mix uncertainty psnr_mix psnr_dwa]
+                                     [--seeds 0 1] [--steps 600] [--jobs 2] [--threads T] [--out runs/loss_ablation]
 
 Runs are `cliprpn train configs/ablation.toml loss_preset=P seed=S steps=N threads=T out_dir=OUT/P_sS`,
 `--jobs` of them at a time with the machine's cores split between them (or `--threads` each, e.g. 1 when
@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core.checkpoint import read_metadata  # noqa: E402
-from cliprpn_core.losses import PRESETS  # noqa: E402
+from cliprpn_core.checkpoint import read_metadata
+from cliprpn_core.losses import PRESETS
+
+from .common import ROOT
 
 DEFAULT_PRESETS = ("charbonnier", "mix", "dwa", "equal_mix", "uncertainty", "psnr_mix", "psnr_dwa")
 
@@ -60,7 +60,7 @@ def run_one(preset, seed, a, threads, log):
         if a.eval_only:
             return None
         log(f"evaluate {out.name}")
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "evaluate.py"), str(model), "--sets", "rain100l",
+        cmd = [sys.executable, "-m", "benchmarks.evaluate", str(model), "--sets", "rain100l",
                "--threads", str(threads), "--json", str(ev)] + (["--data", a.data] if a.data else [])
         with open(f"{out}.eval.out", "w") as f:
             if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode != 0:

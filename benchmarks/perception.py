@@ -1,30 +1,26 @@
 """Accuracy of the built-in pattern head (and of the router's expert choice) on held-out
 synthetic labels: rain drawn with a seed never used in training, per attribute.
 
-  python benchmarks/perception.py [--checkpoint CKPT] [--n 512]
+  python -m benchmarks.perception [--checkpoint CKPT] [--n 512]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core import default_model_path, load_model, pattern_probs  # noqa: E402
-from cliprpn_core.data import SyntheticSource, _random_crops  # noqa: E402
-from cliprpn_core.patterns import ATTRIBUTES, NUM_CLASSES  # noqa: E402
-from cliprpn_core.synthesis import synthesize  # noqa: E402
+from cliprpn_core import load_model, pattern_probs
+from cliprpn_core.data import SyntheticSource, random_crops
+from cliprpn_core.patterns import ATTRIBUTES, NUM_CLASSES
+from cliprpn_core.synthesis import synthesize
 
-DATA = ROOT.parent / "shared" / "data"
+from .common import DATA, DEFAULT_CHECKPOINT
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=str(default_model_path()))
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=987654)
@@ -38,7 +34,7 @@ def main():
     conf = torch.zeros(4, 4, dtype=torch.long)
     with torch.no_grad():
         for _ in range(a.n // 32):
-            clean = _random_crops(src.images, 32, a.size, g, "cpu", (0.5, 1.0))
+            clean = random_crops(src.images, 32, a.size, g, "cpu", (0.5, 1.0))
             s = synthesize(clean, g)
             logits = model.perceive(s.rainy)
             pred = torch.stack([c.argmax(-1) for c in logits.split(list(NUM_CLASSES), -1)], 1)

@@ -9,13 +9,13 @@ calibration sets (mean of the per-set means) is printed last; inference.CHECK_RA
 
 Calibration sets, all training data (../shared/data): the real training pairs (heavy_train,
 train_pairs_small, whole images), their light and heavy rain layers over crops of the clean photos turned
-by -40..40 degrees (as benchmarks/expert_probe.py), and synthetic rain over the clean photos.
+by -40..40 degrees (as benchmarks/expert_probe.py; common.calibration_sets), and synthetic rain over the clean photos.
 --report SETS adds test sets (e.g. rain100l heavy_test) as extra rows that play no part in the choice.
 
-  python benchmarks/routing_check.py [CKPT] [--n 16] [--size 256] [--seed 0] [--report rain100l heavy_test]
+  python -m benchmarks.routing_check [CKPT] [--n 16] [--size 256] [--seed 0] [--report rain100l heavy_test]
 
 The protocol's Y-PSNR (metrics.psnr_y) on 8-bit-rounded outputs held in memory (the same values as saved
-8-bit PNGs); for protocol figures of the checked model use benchmarks/evaluate.py --check.
+8-bit PNGs); for protocol figures of the checked model use `python -m benchmarks.evaluate --check`.
 """
 from __future__ import annotations
 
@@ -27,23 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.data import RainLayerSource, SyntheticSource  # noqa: E402
-from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image  # noqa: E402
-from cliprpn_core.inference import CHECK_EXPERTS, Derainer, check_candidates, check_choice  # noqa: E402
-from cliprpn_core.metrics import psnr_y  # noqa: E402
-from cliprpn_core.patterns import EXPERTS  # noqa: E402
-from expert_probe import probe_batches  # noqa: E402
+from cliprpn_core.checkpoint import load_model
+from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
+from cliprpn_core.inference import CHECK_EXPERTS, Derainer, check_candidates, check_choice
+from cliprpn_core.metrics import psnr_y
 
-DATA = ROOT.parent / "shared" / "data"
+from .common import calibration_args, calibration_sets, to_u8
+
 RATIOS = [round(0.3 + 0.05 * i, 2) for i in range(15)]  # 0.30 .. 1.00
-
-
-def _u8(t: torch.Tensor) -> np.ndarray:
-    return (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def measure(d: Derainer, rainy: torch.Tensor, clean_u8: np.ndarray) -> dict:
@@ -57,7 +48,7 @@ def measure(d: Derainer, rainy: torch.Tensor, clean_u8: np.ndarray) -> dict:
     for e in cands:
         out = d.derain(rainy, override=e).images[0]
         row["residual"].append(float(d._residual_rain(out[None], None, 0)))  # as derain(check=True) measures it
-        row["psnr"].append(psnr_y(_u8(out), clean_u8))
+        row["psnr"].append(psnr_y(to_u8(out), clean_u8))
     return row
 
 
@@ -73,35 +64,6 @@ def summarize(rows: list[dict], every_pair: bool = False) -> dict:
         out[t] = np.mean([r["psnr"][decide(r, t, every_pair)] for r in rows])
         out[f"switched@{t}"] = sum(decide(r, t, every_pair) != 0 for r in rows)
     return out
-
-
-def calibration_sets(data: Path, n: int, size: int, seed: int):
-    pairs = [data / "heavy_train", data / "train_pairs_small"]
-    real = []
-    for root in pairs:
-        for f in list_images(root / "rain"):
-            real.append((read_image(f), load_rgb_uint8(root / "gt" / f.name), None))
-    yield "real training pairs", real
-    for kind in ("light", "heavy"):
-        src = RainLayerSource(pairs, [data / "clean"], min_side=size, only=kind, max_rotation=0.0)
-        imgs = []
-        for _, _, rainy, clean in probe_batches(src, n, size, [-40, -20, 0, 20, 40], [1.0], seed):
-            imgs += [(r, _u8(c)) for r, c in zip(rainy, clean)]
-        yield f"{kind} layers over clean, turned -40..40", [(r, c, f"{kind}_streaks") for r, c in imgs]
-    gen = torch.Generator().manual_seed(seed)
-    s = SyntheticSource([data / "clean"], min_side=size).batch(4 * n, size, gen, "cpu")
-    yield "synthetic rain over clean", [(r, _u8(c), EXPERTS[int(e)]) for r, c, e in zip(s.rainy, s.clean, s.expert)]
-
-
-def calibration_args(ap: argparse.ArgumentParser) -> None:
-    """The options of the scripts that measure on calibration_sets (this one and expert_fusion.py)."""
-    ap.add_argument("checkpoint", nargs="?", default=str(ROOT / "models" / "clip_rpn_default.safetensors"))
-    ap.add_argument("--n", type=int, default=16, help="images per rotation (layer sets); synthetic: 4n")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report", nargs="*", default=[], help="test sets reported beside (not used for the choice)")
-    ap.add_argument("--data", default=str(DATA))
 
 
 def main():

@@ -1,6 +1,6 @@
 """Speed, memory, size and FLOPs of a CLIP-RPN model (default: the shipped one).
 
-  python benchmarks/speed.py [--checkpoint CKPT] [--threads 2]
+  python -m benchmarks.speed [--checkpoint CKPT] [--threads 2]
 
 Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration;
 median of 3 after a warm-up; also with the expert check where it runs: both streak experts compared), peak RSS of a separate process deraining an 8-MP image with tiling,
@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from cliprpn_core import Derainer, default_model_path, load_model  # noqa: E402
+from cliprpn_core import Derainer, load_model
 
+from .common import DEFAULT_CHECKPOINT, ROOT
 
 # derain() arguments of an image the expert check compares two experts for
 CHECKED = {"check": True, "routing": torch.zeros(1, 4), "ranking": torch.tensor([[2.0, 1.0, 0.0, 0.0]])}
@@ -38,8 +35,7 @@ def flops_of(fn) -> int:
 
 def peak_rss_child(ck, threads, h, w, tile):
     code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
+import resource, torch
 torch.set_num_threads({threads})
 from cliprpn_core import Derainer, load_model
 d = Derainer(load_model({str(ck)!r}))
@@ -47,14 +43,14 @@ x = torch.rand(1, 3, {h}, {w})
 r = d.derain(x, tile={tile})
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    t = time.perf_counter()  # run in the repository root: `-c` imports cliprpn_core from there
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024 ** 2, time.perf_counter() - t  # KiB -> GiB
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=str(default_model_path()))
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cuda", action="store_true", help="also time fp32/fp16/bf16 on the GPU")

@@ -2,8 +2,8 @@
 PNG, Y-PSNR / SSIM read back from the files), grouped by each image's labelled expert (light streaks, heavy
 streaks, raindrops, veil).
 
-  python benchmarks/synthetic_regimes.py CKPT [CKPT...] [--set DIR | --clean DIR -n 160 --size 256 --seed 1234]
-                                         [--check] [--threads 1] [--json out.json]
+  python -m benchmarks.synthetic_regimes CKPT [CKPT...] [--set DIR | --clean DIR -n 160 --size 256 --seed 1234]
+                                          [--check] [--threads 1] [--json out.json]
 
 Without --set the set is written first (as ``cliprpn synth CLEAN -o DIR -n N --size S --seed K`` writes it:
 the same seed gives the same images) into a temporary folder. The synthetic set is our own rain over
@@ -23,15 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.data import write_labelled_set  # noqa: E402
-from cliprpn_core.inference import Derainer  # noqa: E402
-from cliprpn_core.patterns import EXPERTS  # noqa: E402
-from evaluate import derain_set  # noqa: E402
+from cliprpn_core.checkpoint import load_model
+from cliprpn_core.data import write_labelled_set
+from cliprpn_core.inference import Derainer
+from cliprpn_core.patterns import EXPERTS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .common import DATA, derain_set
 
 
 def by_regime(images: list[dict], labels: dict, chosen: dict | None = None) -> dict:

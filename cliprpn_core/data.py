@@ -43,7 +43,7 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # uint8 [3,H,W]
 
 
-def _random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners=None, indices=None):
+def random_crops(images, n, size, gen, device, scale_range=(1.0, 1.0), partners=None, indices=None):
     """n crops of size x size (random rescale, flips) from a list of uint8 [3,H,W] tensors."""
     out, out_p = [], []
     for j in range(n):
@@ -100,7 +100,7 @@ class SyntheticSource:
         self.style = style
 
     def batch(self, n, size, gen, device) -> RainSample:
-        clean = _random_crops(self.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        clean = random_crops(self.images, n, size, gen, device, scale_range=(0.5, 1.0))
         return synthesize(clean, gen, probs=self.regime_probs, style=self.style)
 
 
@@ -147,7 +147,7 @@ class NoRainSource:
         self.clean = clean
 
     def batch(self, n, size, gen, device) -> RainSample:
-        x = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        x = random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
         labels = torch.zeros(n, len(ATTRIBUTE_NAMES), dtype=torch.long, device=device)
         return RainSample(x, x.clone(), torch.zeros_like(x[:, :1]), labels,
                           torch.zeros(n, dtype=torch.long, device=device))
@@ -181,7 +181,7 @@ class PairedSource:
 
     def batch(self, n, size, gen, device) -> RainSample:
         picks = torch.randint(len(self.rain), (n,), generator=gen).tolist()
-        rainy, clean = _random_crops(self.rain, n, size, gen, device, partners=self.gt, indices=picks)
+        rainy, clean = random_crops(self.rain, n, size, gen, device, partners=self.gt, indices=picks)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         layer = (rainy - clean).mean(1, keepdim=True)
         mask = (layer > 0.03).float() * 0.5 + 0.5 * layer.clamp(0, 1)
@@ -285,21 +285,21 @@ class RainLayerSource:
             same_kind = self.heavy_mask == self.heavy_mask[picks[j]]
             w = torch.where(same_kind, self.draw_weights, torch.zeros_like(self.draw_weights))
             k = int(torch.multinomial(w, 1, generator=gen))
-            second = _random_crops(self.layers, 1, crop, gen, device, scale_range=self.scale, indices=[k])
+            second = random_crops(self.layers, 1, crop, gen, device, scale_range=self.scale, indices=[k])
             layer[j:j + 1] = layer[j:j + 1] + float(g[j]) * second
         return layer
 
     def batch(self, n, size, gen, device) -> RainSample:
         picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         # crop wider, turn by a small random angle and cut the centre: streak directions the few real
-        # layers don't have (horizontal flips in _random_crops mirror them as well)
+        # layers don't have (horizontal flips in random_crops mirror them as well)
         crop = rotation_crop_size(size) if self.max_rotation > 0 else size
-        layer = _random_crops(self.layers, n, crop, gen, device, scale_range=self.scale, indices=picks)
+        layer = random_crops(self.layers, n, crop, gen, device, scale_range=self.scale, indices=picks)
         if self.mix > 0:  # (draws nothing more when off: older configs keep their exact data stream)
             layer = self._add_second_layers(layer, picks, crop, gen, device)
         if self.max_rotation > 0:
             layer = rotate_center(layer, (torch.rand(n, generator=gen) * 2 - 1) * self.max_rotation, size)
-        clean = _random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
+        clean = random_crops(self.clean.images, n, size, gen, device, scale_range=(0.5, 1.0))
         lo, hi = self.gain
         gain = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device).view(-1, 1, 1, 1)
         rainy = (clean + layer * gain).clamp(0, 1)

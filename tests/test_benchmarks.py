@@ -1,18 +1,36 @@
-"""The benchmark scripts' own logic (not their figures): which runs count as finished, and the table."""
-import importlib.util
+"""The benchmark scripts' own logic (not their figures): which runs count as finished, and the table.
+They are modules of the ``benchmarks`` package (``python -m benchmarks.NAME`` from the repository root)."""
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_runs_as_a_module(name):
+    """`python -m benchmarks.NAME --help` from the repository root: imports resolve without sys.path edits."""
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout
+
+
+def test_benchmarks_edit_no_sys_path_and_import_no_private_names():
+    import re
+    for p in (ROOT / "benchmarks").glob("*.py"):
+        text = p.read_text()
+        assert "sys.path" not in text, p.name
+        assert not re.search(r"^from \S+ import .*\b_[a-z]", text, re.MULTILINE), p.name
 
 
 def _fake_run(out, tiny_model, preset, seed, steps, trained, psnr):
@@ -81,15 +99,16 @@ def test_routing_check_measures_what_the_check_decides(tiny_model):
     from cliprpn_core import Derainer
     from cliprpn_core.inference import check_choice
     rc = _load("routing_check")
+    to_u8 = _load("common").to_u8
     d = Derainer(tiny_model)
     g = torch.Generator().manual_seed(0)
     x, clean = torch.rand(3, 32, 48, generator=g), torch.rand(3, 32, 48, generator=g)
-    row = rc.measure(d, x, rc._u8(clean))
+    row = rc.measure(d, x, to_u8(clean))
     assert len(row["experts"]) == 2 and len(set(row["experts"])) == 2
     for bias in ([6.0, 6.0, -6.0, -6.0], [-6.0, 6.0, 7.0, -6.0]):  # streak experts first (checked), or not
         with torch.no_grad():
             d.model.router.linear.bias.copy_(torch.tensor(bias))
-        row = rc.measure(d, x, rc._u8(clean))
+        row = rc.measure(d, x, to_u8(clean))
         assert row["checked"] == (bias[0] > 0) and len(row["residual"]) == 2
         for t in (1e-9, 0.5, 1.0, 1e9):
             want = row["experts"][rc.decide(row, t)]
