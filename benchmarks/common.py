@@ -19,6 +19,7 @@ from cliprpn_core.data import (
     rotation_crop_size,
 )
 from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, save_image
+from cliprpn_core.inference import DerainOptions
 from cliprpn_core.metrics import evaluate_folders
 from cliprpn_core.patterns import EXPERTS
 
@@ -32,15 +33,15 @@ def to_u8(t: torch.Tensor) -> np.ndarray:
     return (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def derain_set(derainer, set_dir, **options):
-    """Derain every image of a paired set (rain/, gt/) with ``Derainer.derain(**options)``, write the outputs
+def derain_set(derainer, set_dir, options: DerainOptions | None = None):
+    """Derain every image of a paired set (rain/, gt/) with ``Derainer.derain(image, options)``, write the outputs
     as 8-bit PNG and score them from the files (metrics.evaluate_folders). Returns its result, the expert routing
     ranked first for each image (by file stem) and the seconds spent deraining."""
     chosen = {}
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         for f in list_images(Path(set_dir) / "rain"):
-            r = derainer.derain(read_image(f), **options)
+            r = derainer.derain(read_image(f), options)
             chosen[f.stem] = EXPERTS[int(r.routing[0].argmax())]
             save_image(r.images[0], Path(out) / (f.stem + ".png"))
         secs = time.perf_counter() - t

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from cliprpn_core import Derainer, default_model_path, load_model
+from cliprpn_core import Derainer, DerainOptions, default_model_path, load_model
 
 
 def main():
@@ -18,19 +18,22 @@ def main():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 300, 437, generator=g)
     m = torch.rand(2, 1, 300, 437, generator=g)
-    r_cpu = ref.derain(x, mask=m, tile=128, overlap=32, self_ensemble=True)
+    tiled = DerainOptions(tile=128, overlap=32)
+    ensemble = DerainOptions(tile=128, overlap=32, self_ensemble=True)
+    r_cpu = ref.derain(x, ensemble, mask=m)
     for dt in ("fp32", "fp16", "bf16"):
         d = Derainer(load_model(ck), device="cuda", dtype=dt)
-        for kw in ({}, {"tile": 128, "overlap": 32}, {"mask": m, "tile": 128, "overlap": 32, "self_ensemble": True}):
+        for name, opt, mask in (("whole", DerainOptions(), None), ("tiled", tiled, None),
+                                ("tiled+mask+self_ensemble", ensemble, m)):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            r = d.derain(x, **kw)
+            r = d.derain(x, opt, mask=mask)
             torch.cuda.synchronize()
             ok = r.images.device.type == "cpu" and r.images.shape == x.shape and bool(torch.isfinite(r.images).all())
             extra = ""
-            if kw.get("self_ensemble"):
+            if opt.self_ensemble:
                 extra = f" max|cuda-cpu| {float((r.images - r_cpu.images).abs().max()):.4f}"
-            print(dt, sorted(kw), "ok" if ok else "BAD", f"{1000 * (time.perf_counter() - t):.0f} ms" + extra, flush=True)
+            print(dt, name, "ok" if ok else "BAD", f"{1000 * (time.perf_counter() - t):.0f} ms" + extra, flush=True)
 
 
 if __name__ == "__main__":

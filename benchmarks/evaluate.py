@@ -17,21 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from cliprpn_core.checkpoint import load_model
-from cliprpn_core.inference import CHECK_RATIO, Derainer
+from cliprpn_core.inference import CHECK_RATIO, Derainer, DerainOptions
 from cliprpn_core.patterns import EXPERTS
 
 from .common import DATA, derain_set
 
 
-def run(derainer, set_dir, override=None, self_ensemble=False, top_k=1, passes=None, check=False,
-        check_ratio=CHECK_RATIO):
-    ev, chosen, secs = derain_set(derainer, set_dir, override=override, self_ensemble=self_ensemble, top_k=top_k,
-                                  passes=passes, check=check, check_ratio=check_ratio)
+def run(derainer, set_dir, options: DerainOptions):
+    """One set derained with ``options``, scored by the protocol (common.derain_set)."""
+    ev, chosen, secs = derain_set(derainer, set_dir, options)
     m = ev["mean"]
     per = {r["name"]: round(r["psnr"], 3) for r in ev["images"]}
     # rain_left: a diagnostic (metrics.rain_left), the share of the rain the outputs still carry
@@ -57,7 +57,7 @@ def oracle(res_set: dict) -> dict:
     return out
 
 
-def _short(r):
+def short(r):
     return {k: v for k, v in r.items() if not k.startswith("per_image")}
 
 
@@ -77,31 +77,32 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     results = {}
+    routed = DerainOptions(top_k=a.top_k, passes=a.passes or None)
+    checked = replace(routed, check=True, check_ratio=a.check_ratio)
     for ck in a.checkpoints:
         d = Derainer(load_model(ck))
-        P = a.passes or None
-        print(f"{ck}: {P or d.model.config.passes} restoration pass(es)", flush=True)
+        print(f"{ck}: {routed.passes or d.model.config.passes} restoration pass(es)", flush=True)
         res = {}
         for s in a.sets:
-            res[s] = {"routed": run(d, Path(a.data) / s, top_k=a.top_k, passes=P)}
-            print(f"{ck} {s} routed: {_short(res[s]['routed'])}", flush=True)
+            res[s] = {"routed": run(d, Path(a.data) / s, routed)}
+            print(f"{ck} {s} routed: {short(res[s]['routed'])}", flush=True)
             if a.self_ensemble:
-                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k, passes=P)
-                print(f"{ck} {s} routed + self-ensemble: {_short(res[s]['routed_self_ensemble'])}", flush=True)
+                res[s]["routed_self_ensemble"] = run(d, Path(a.data) / s, replace(routed, self_ensemble=True))
+                print(f"{ck} {s} routed + self-ensemble: {short(res[s]['routed_self_ensemble'])}", flush=True)
             if a.check:
-                res[s]["routed_check"] = run(d, Path(a.data) / s, top_k=a.top_k, passes=P, check=True,
-                                             check_ratio=a.check_ratio)
-                print(f"{ck} {s} routed + expert check (ratio {a.check_ratio:g}): {_short(res[s]['routed_check'])}",
+                res[s]["routed_check"] = run(d, Path(a.data) / s, checked)
+                print(f"{ck} {s} routed + expert check (ratio {a.check_ratio:g}): {short(res[s]['routed_check'])}",
                       flush=True)
                 if a.self_ensemble:
-                    res[s]["routed_check_self_ensemble"] = run(d, Path(a.data) / s, self_ensemble=True, top_k=a.top_k,
-                                                               passes=P, check=True, check_ratio=a.check_ratio)
+                    res[s]["routed_check_self_ensemble"] = run(d, Path(a.data) / s,
+                                                               replace(checked, self_ensemble=True))
                     print(f"{ck} {s} routed + expert check + self-ensemble: "
-                          f"{_short(res[s]['routed_check_self_ensemble'])}", flush=True)
+                          f"{short(res[s]['routed_check_self_ensemble'])}", flush=True)
             if a.experts:
                 for e in range(d.model.config.num_experts):
-                    res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, override=e, passes=P)
-                    print(f"{ck} {s} forced {EXPERTS[e]}: {_short(res[s][f'forced_{EXPERTS[e]}'])}", flush=True)
+                    forced = DerainOptions(expert=e, passes=routed.passes)
+                    res[s][f"forced_{EXPERTS[e]}"] = run(d, Path(a.data) / s, forced)
+                    print(f"{ck} {s} forced {EXPERTS[e]}: {short(res[s][f'forced_{EXPERTS[e]}'])}", flush=True)
                 res[s]["oracle_expert"] = oracle(res[s])
                 print(f"{ck} {s} per-image best expert (oracle, chosen by ground truth): {res[s]['oracle_expert']}",
                       flush=True)

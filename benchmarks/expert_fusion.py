@@ -32,7 +32,14 @@ import torch.nn.functional as F
 
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
-from cliprpn_core.inference import CHECK_EXPERTS, CHECK_RATIO, Derainer, check_candidates, check_choice
+from cliprpn_core.inference import (
+    CHECK_EXPERTS,
+    CHECK_RATIO,
+    Derainer,
+    DerainOptions,
+    check_candidates,
+    check_choice,
+)
 from cliprpn_core.metrics import psnr_y
 
 from .common import calibration_args, calibration_sets, to_u8
@@ -56,16 +63,15 @@ def gaussian_blur(w: torch.Tensor, sigma: float) -> torch.Tensor:
 def measure(d: Derainer, rainy: torch.Tensor, clean: np.ndarray) -> dict:
     """One image: top-1 Y-PSNR, and for a checked image both streak outputs with the maps the rules need."""
     probs, _ = d.perceive(rainy)
-    with torch.inference_mode():
-        ranking = d.model.router.logits(probs.to(d.device)).float().cpu()
+    _, ranking = d.route_and_rank(probs)
     (cands,) = check_candidates(torch.zeros_like(ranking), ranking)
     row = {"cands": cands, "clean": clean}
     if len(cands) == 1:
-        row["top1"] = psnr_y(to_u8(d.derain(rainy, override=cands[0]).images[0]), clean)
+        row["top1"] = psnr_y(to_u8(d.derain(rainy, DerainOptions(expert=cands[0])).images[0]), clean)
         return row
     row["m_in"] = d.estimate_mask(rainy)[0, 0]
     for e in (LIGHT, HEAVY):
-        out = d.derain(rainy, override=e).images[0]
+        out = d.derain(rainy, DerainOptions(expert=e)).images[0]
         row[e] = {"out": out, "res": d.estimate_mask(out[None])[0, 0], "psnr": psnr_y(to_u8(out), clean)}
     row["top1"] = row[cands[0]]["psnr"]
     return row

@@ -29,7 +29,13 @@ import torch
 
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
-from cliprpn_core.inference import CHECK_EXPERTS, Derainer, check_candidates, check_choice
+from cliprpn_core.inference import (
+    CHECK_EXPERTS,
+    Derainer,
+    DerainOptions,
+    check_candidates,
+    check_choice,
+)
 from cliprpn_core.metrics import psnr_y
 
 from .common import calibration_args, calibration_sets, to_u8
@@ -40,14 +46,13 @@ RATIOS = [round(0.3 + 0.05 * i, 2) for i in range(15)]  # 0.30 .. 1.00
 def measure(d: Derainer, rainy: torch.Tensor, clean_u8: np.ndarray) -> dict:
     """One image [3,H,W]: the check's two candidates with their residual rain and Y-PSNR."""
     probs, _ = d.perceive(rainy)
-    with torch.inference_mode():
-        ranking = d.model.router.logits(probs.to(d.device)).float().cpu()
+    _, ranking = d.route_and_rank(probs)
     (cands,) = check_candidates(torch.zeros_like(ranking), ranking, among=None)
     # the runtime checks only the streak experts; the others are measured to show why
     row = {"experts": cands, "checked": all(e in CHECK_EXPERTS for e in cands), "residual": [], "psnr": []}
     for e in cands:
-        out = d.derain(rainy, override=e).images[0]
-        row["residual"].append(float(d._residual_rain(out[None], None, 0)))  # as derain(check=True) measures it
+        out = d.derain(rainy, DerainOptions(expert=e)).images[0]
+        row["residual"].append(float(d.residual_rain(out[None], None, 0)))  # as derain's check measures it
         row["psnr"].append(psnr_y(to_u8(out), clean_u8))
     return row
 

@@ -18,12 +18,15 @@ import time
 
 import torch
 
-from cliprpn_core import Derainer, load_model
+from cliprpn_core import Derainer, DerainOptions, load_model
 
 from .common import DEFAULT_CHECKPOINT, ROOT
 
-# derain() arguments of an image the expert check compares two experts for
-CHECKED = {"check": True, "routing": torch.zeros(1, 4), "ranking": torch.tensor([[2.0, 1.0, 0.0, 0.0]])}
+
+def derain_checked(d: Derainer, x: torch.Tensor):
+    """Derain ``x`` as an image the expert check compares two experts for (both streak experts ranked first)."""
+    return d.derain(x, DerainOptions(check=True), routing=torch.zeros(1, 4),
+                    ranking=torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
 
 
 def flops_of(fn) -> int:
@@ -37,10 +40,10 @@ def peak_rss_child(ck, threads, h, w, tile):
     code = f"""
 import resource, torch
 torch.set_num_threads({threads})
-from cliprpn_core import Derainer, load_model
+from cliprpn_core import Derainer, DerainOptions, load_model
 d = Derainer(load_model({str(ck)!r}))
 x = torch.rand(1, 3, {h}, {w})
-r = d.derain(x, tile={tile})
+r = d.derain(x, DerainOptions(tile={tile}))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     t = time.perf_counter()  # run in the repository root: `-c` imports cliprpn_core from there
@@ -73,7 +76,7 @@ def main():
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        d.derain(x, **CHECKED)
+        derain_checked(d, x)
         times.append(time.perf_counter() - t)
     res["seconds_per_megapixel_1MP_expert_check"] = round(statistics.median(times) / (1024 * 1024 / 1e6), 3)
 
@@ -130,7 +133,7 @@ def cuda_figures(model):
         for _ in range(5):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            d.derain(x, **CHECKED)
+            derain_checked(d, x)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         row["ms_per_MP_1MP_expert_check"] = round(1000 * statistics.median(times) / (x[0].numel() / 3 / 1e6), 1)

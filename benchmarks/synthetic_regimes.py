@@ -25,7 +25,7 @@ import torch
 
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.data import write_labelled_set
-from cliprpn_core.inference import Derainer
+from cliprpn_core.inference import Derainer, DerainOptions
 from cliprpn_core.patterns import EXPERTS
 
 from .common import DATA, derain_set
@@ -50,7 +50,7 @@ def by_regime(images: list[dict], labels: dict, chosen: dict | None = None) -> d
 
 
 def evaluate(derainer: Derainer, set_dir: Path, labels: dict, check: bool = False) -> dict:
-    ev, chosen, _ = derain_set(derainer, set_dir, check=check)
+    ev, chosen, _ = derain_set(derainer, set_dir, DerainOptions(check=check))
     res = by_regime(ev["images"], labels, chosen)
     res["routing"] = dict(Counter(chosen.values()))
     return res

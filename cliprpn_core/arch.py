@@ -114,11 +114,23 @@ class ExpertRouter(nn.Module):
     def forward(self, probs: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
                 override: int | None = None) -> torch.Tensor:
         """Returns expert weights [B, E] that sum to one per row, zeros outside the top-k."""
-        return route(self.logits(probs), top_k=top_k, temperature=temperature, override=override)
+        return route_pattern(self, probs, top_k, temperature, override)[0]
+
+
+def route_pattern(router: ExpertRouter, probs: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
+                  override: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing step, the one place pattern probabilities [B, PATTERN_DIM] become a routing:
+    router logits -> expert weights. Returns ``(weights [B, E], logits [B, E] float32)``; the logits are
+    the ranking the expert check compares experts by (meaningless under a manual ``override``, which sets
+    the weights alone). Runs where ``probs`` are (move them to the router's device first)."""
+    logits = router.logits(probs)
+    return route(logits, top_k=top_k, temperature=temperature, override=override), logits
 
 
 def route(logits: torch.Tensor, top_k: int = 1, temperature: float = 1.0,
           override: int | None = None) -> torch.Tensor:
+    """Router logits [B, E] -> expert weights [B, E]: a softmax at ``temperature`` over the ``top_k``
+    largest logits, zeros elsewhere; ``override`` sends every row to that one expert instead."""
     b, e = logits.shape
     if override is not None:
         if not 0 <= override < e:
@@ -318,9 +330,10 @@ class CLIPRPN(nn.Module):
         router_logits = None
         if pattern_logits is not None:
             # the router learns on top of perception; it does not push gradients into the head
-            router_logits = self.router.logits(pattern_probs(pattern_logits).detach())
+            routed, router_logits = route_pattern(self.router, pattern_probs(pattern_logits).detach(),
+                                                  top_k, temperature, override)
         if routing is None:
-            routing = route(router_logits, top_k, temperature, override)
+            routing = routed
         elif own_routing is not None:
             own = route(router_logits.detach().float(), top_k=1).to(routing.dtype)
             routing = torch.where(own_routing.to(routing.device).view(-1, 1), own, routing)

@@ -68,6 +68,13 @@ def _install_sigterm():
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
+def derain_options(args):
+    """The derain flags as the Derainer's DerainOptions (0 for --tile and --passes: the defaults)."""
+    from .inference import DerainOptions
+    return DerainOptions(top_k=args.top_k, expert=args.expert, tile=args.tile or None, overlap=args.overlap,
+                         self_ensemble=args.self_ensemble, passes=args.passes or None, check=args.check)
+
+
 def _derain_settings(args, ck) -> dict:
     """What decides an output's pixels: a rerun with other settings redoes the images."""
     try:
@@ -127,6 +134,7 @@ def cmd_derain(args):
                                  + ", ".join(EXPERTS[:e]) + ")")
             if args.top_k > e:
                 raise UsageError(f"--top-k {args.top_k} is more than this model's {e} experts")
+            options = derain_options(args)
             log = ResumeLog(out, _derain_settings(args, ck))
             if not args.overwrite:
                 keep = [(f, dsts) for f, dsts in todo if not log.done(f, dsts)]
@@ -140,9 +148,7 @@ def cmd_derain(args):
         for f, dsts in todo:
             try:
                 img, info = read_image_info(f)
-                r = d.derain(img, top_k=args.top_k, override=args.expert, tile=args.tile or None,
-                             overlap=args.overlap, self_ensemble=args.self_ensemble, passes=args.passes or None,
-                             check=args.check, progress=_tile_progress(bar, f))
+                r = d.derain(img, options, progress=_tile_progress(bar, f))
             except (ImageReadError, ValueError) as e:
                 failed += 1
                 tqdm.write(f"skipped {f}: {e}", file=sys.stderr)

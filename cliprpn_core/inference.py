@@ -3,13 +3,13 @@ per-image perception and routing, fp32/fp16/bf16. Used by the CLI, the nodes and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .arch import CLIPRPN, pattern_probs, route
+from .arch import CLIPRPN, pattern_probs, route, route_pattern
 from .config import check_passes
 from .patterns import EXPERTS, PATTERN_DIM
 
@@ -242,7 +242,7 @@ def count_tiles(h, w, tile, overlap, multiple) -> int:
 # CHECK_RATIO times the rain the mask estimator still finds in the first one's output. Only the streak experts
 # are compared: the mask estimator sees streaks, not a veil, and on training data switching away from the veil
 # expert cost 1.7 dB on veil images. The ratio is the best on training data only (real training pairs, their rain
-# layers over clean photos, synthetic rain): `python benchmarks/routing_check.py` (models/MODEL_CARD.md).
+# layers over clean photos, synthetic rain): `python -m benchmarks.routing_check` (models/MODEL_CARD.md).
 CHECK_RATIO = 0.4
 CHECK_EXPERTS = (EXPERTS.index("light_streaks"), EXPERTS.index("heavy_streaks"))
 
@@ -278,6 +278,66 @@ def check_choice(residuals: list[float], ratio: float = CHECK_RATIO) -> int:
     return best
 
 
+@dataclass(frozen=True)
+class DerainOptions:
+    """How :meth:`Derainer.derain` restores: what the CLI's flags, the nodes' inputs and the benchmarks set.
+
+    ``top_k``/``temperature``: the router's mix of experts per image; ``expert``: a manual choice of one
+    expert for every image instead (never checked); ``tile``: tile side in pixels (None: the whole image,
+    tiled automatically above AUTO_TILE_PIXELS; 0: the whole image, never tiled) with ``overlap`` pixels
+    of feathered overlap; ``self_ensemble``: average the restorations of the image and its horizontal,
+    vertical and double flips (4 runs; flips keep streaks streak-like, 90° turns would not); ``passes``:
+    restoration passes (None: the model's ``config.passes``; each pass restores the previous output with
+    the same routing; the mask is the first pass's); ``check``: the expert check (see
+    :meth:`Derainer.derain`) with its ``check_ratio``."""
+    top_k: int = 1
+    temperature: float = 1.0
+    expert: int | None = None
+    tile: int | None = None
+    overlap: int = DEFAULT_OVERLAP
+    self_ensemble: bool = False
+    passes: int | None = None
+    check: bool = False
+    check_ratio: float = CHECK_RATIO
+
+    def checked(self) -> DerainOptions:
+        """The options with ``passes`` as an int in range (ValueError otherwise) and a valid check ratio."""
+        opt = self if self.passes is None else replace(self, passes=check_passes(self.passes))
+        if opt.check and not 0 < opt.check_ratio:
+            raise ValueError(f"check_ratio must be > 0, got {opt.check_ratio}")
+        return opt
+
+
+@dataclass
+class _Batch:
+    """One derain call's input, normalised: padded RGB, what was split off, and the routing decided."""
+    rgb: torch.Tensor  # [B,3,H',W'] padded to the model's multiple
+    alpha: torch.Tensor | None
+    channels: int
+    h: int
+    w: int
+    routing: torch.Tensor  # [B,E] float32 on the CPU
+    ranking: torch.Tensor | None  # [B,E] what the expert check ranks by
+    pattern: torch.Tensor  # [B,PATTERN_DIM] (NaN: not perceived)
+    source: str
+    mask: torch.Tensor | None  # [B,1,H',W'] padded, 0..1
+    check: bool  # the expert check runs (never under a manual expert)
+
+
+class _Steps:
+    """Progress across every tile run of one derain call: ``step(i, n)`` inside a run, ``advance(n)`` after it."""
+
+    def __init__(self, total: int, progress: Callable | None):
+        self.total, self.progress, self.done = total, progress, 0
+
+    def step(self, i, n):
+        if self.progress:
+            self.progress(self.done + i, self.total)
+
+    def advance(self, n):
+        self.done += n
+
+
 class Derainer:
     """Model + optional CLIP perceiver on a device/dtype. Thread-compatible, stateless per call."""
 
@@ -299,8 +359,15 @@ class Derainer:
         return pattern_probs(logits).cpu(), "pattern-head"
 
     @torch.inference_mode()
+    def route_and_rank(self, probs, top_k=1, temperature=1.0, override=None):
+        """The routing step (:func:`arch.route_pattern`) on the model's device -> (expert weights [B,E],
+        router logits [B,E]: the ranking the expert check compares by), both on the CPU."""
+        weights, logits = route_pattern(self.model.router, probs.to(self.device), top_k, temperature, override)
+        return weights.cpu(), logits.cpu()
+
     def route(self, probs, top_k=1, temperature=1.0, override=None):
-        return self.model.router(probs.to(self.device), top_k, temperature, override).cpu()
+        """Expert weights [B,E] on the CPU (see :meth:`route_and_rank`)."""
+        return self.route_and_rank(probs, top_k, temperature, override)[0]
 
     # -- masks and restoration --------------------------------------------------------------
     def _prep(self, images):
@@ -331,24 +398,21 @@ class Derainer:
         return torch.cat(out)
 
     @torch.inference_mode()
-    def derain(self, images, routing=None, pattern=None, mask=None, top_k=1, temperature=1.0,
-               override=None, tile=None, overlap=DEFAULT_OVERLAP, progress=None, self_ensemble=False,
-               passes=None, check=False, check_ratio=CHECK_RATIO, ranking=None, preview=None) -> DerainResult:
-        """Restore a batch. ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from
-        outside (nodes); otherwise each image is perceived and routed on its own. ``mask``
-        [B,1,H,W] or [B,H,W] (0..1) replaces the estimated mask in the cross-attention.
-        ``self_ensemble``: average the restorations of the image and its horizontal, vertical and
-        double flips (4 runs; flips keep streaks streak-like, 90° turns would not). ``passes``:
-        restoration passes (default: the model's ``config.passes``; each pass restores the previous
-        output with the same routing; the mask is the first pass's).
+    def derain(self, images, options: DerainOptions | None = None, *, routing=None, pattern=None, mask=None,
+               ranking=None, progress=None, preview=None) -> DerainResult:
+        """Restore a batch as ``options`` (:class:`DerainOptions`, default: the defaults) say.
 
-        ``check`` (expert check): each image is restored by its two best-ranked experts and keeps the
-        runner-up only when the model's own mask estimator finds less than ``check_ratio`` times the rain
+        ``routing`` [B,E] or ``pattern`` [B,PATTERN_DIM] may come from outside (nodes); otherwise each
+        image is perceived and routed on its own. ``mask`` [B,1,H,W] or [B,H,W] (0..1) replaces the
+        estimated mask in the cross-attention. ``progress(done, total)`` is called after each tile run.
+
+        The expert check (``options.check``): each image is restored by its two best-ranked experts and keeps
+        the runner-up only when the model's own mask estimator finds less than ``check_ratio`` times the rain
         in its output that it finds in the first one's (see :func:`check_choice`); the image goes through
         one expert (top-1), about three times the work of a plain run. Only the streak experts are compared
         (CHECK_EXPERTS: an image whose two best are not both streak experts is not checked). The ranking is
         ``ranking`` [B,E] (router logits, e.g. from an Expert Router node), else the nonzero weights of a
-        given ``routing``, else the router's logits on the perceived pattern. A manual ``override`` is never
+        given ``routing``, else the router's logits on the perceived pattern. A manual expert is never
         checked.
 
         ``preview``: called after each restored tile with ``image(max_side=None)``, which returns the image
@@ -356,31 +420,36 @@ class Derainer:
         its longer side at most ``max_side``; nothing is computed unless it is called. The expert check's
         residual-rain runs are not previewed."""
         t0 = time.perf_counter()
-        if passes is not None:
-            passes = check_passes(passes)  # before any work is done
+        opt = (options or DerainOptions()).checked()  # before any work is done
+        batch = self._normalise(images, opt, routing, pattern, mask, ranking)
+        outs, masks = self._restore_batch(batch, opt, progress, preview)
+        out = merge_channels(torch.cat(outs), batch.alpha, batch.channels)
+        return DerainResult(out, torch.cat(masks), batch.pattern, batch.routing, batch.source,
+                            time.perf_counter() - t0)
+
+    # -- derain, step by step -------------------------------------------------------------------
+    def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
+        """Input normalisation: the images checked, split and padded; the routing decided (a manual expert,
+        else the given routing, else perceived and routed here) and brought to one row per image; the
+        ranking, the pattern and the mask likewise."""
         rgb, alpha, c, h, w = self._prep(images)
-        b = rgb.shape[0]
-        source = "given"
-        if check and not 0 < check_ratio:
-            raise ValueError(f"check_ratio must be > 0, got {check_ratio}")
-        if override is not None:  # a manual expert choice wins over any routing (and is not checked)
-            routing = route(torch.zeros(b, self.model.config.num_experts), override=override)
+        b, e = rgb.shape[0], self.model.config.num_experts
+        source, check = "given", opt.check
+        if opt.expert is not None:  # a manual expert choice wins over any routing (and is not checked)
+            routing = route(torch.zeros(b, e), override=opt.expert)
             check = False
         elif routing is None:
             if pattern is None:
                 pattern, source = self.perceive(rgb[..., :h, :w])
-            if check and ranking is None:  # the check needs the router's logits: route from them
-                ranking = self.model.router.logits(pattern.to(self.device)).float().cpu()
-                routing = route(ranking, top_k, temperature)
-            else:
-                routing = self.route(pattern, top_k, temperature)
+            routing, logits = self.route_and_rank(pattern, opt.top_k, opt.temperature)
+            if check and ranking is None:  # the check ranks by the router's logits
+                ranking = logits
         routing = torch.as_tensor(routing, dtype=torch.float32)
-        if routing.shape != (b, self.model.config.num_experts):
-            if routing.shape[0] == 1 and routing.shape[1] == self.model.config.num_experts:
+        if routing.shape != (b, e):
+            if routing.shape[0] == 1 and routing.shape[1] == e:
                 routing = routing.expand(b, -1)
             else:
-                raise ValueError(f"routing has shape {tuple(routing.shape)}, expected ({b}, {self.model.config.num_experts})"
-                                 " (one row per image)")
+                raise ValueError(f"routing has shape {tuple(routing.shape)}, expected ({b}, {e}) (one row per image)")
         if ranking is not None:
             ranking = torch.as_tensor(ranking, dtype=torch.float32)
             if ranking.dim() == 2 and ranking.shape[0] == 1 and b > 1:
@@ -388,76 +457,90 @@ class Derainer:
         if pattern is None:
             pattern = torch.full((b, PATTERN_DIM), float("nan"))  # not perceived
         if mask is not None:
-            mask = torch.as_tensor(mask).float()
-            mask = mask[:, None] if mask.dim() == 3 else mask
-            if mask.shape[0] == 1 and b > 1:
-                mask = mask.expand(b, -1, -1, -1)
-            if mask.shape[0] != b:
-                raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {b}")
-            if mask.shape[-2:] != (h, w):
-                mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
-            mask = _pad_to(mask.clamp(0, 1), self.multiple)
-        tile = self._auto_tile(tile, h, w)
-        flips = ENSEMBLE_FLIPS if self_ensemble else ((),)
-        n_tiles = count_tiles(h, w, tile, overlap, self.multiple)
-        if check:
-            cands = check_candidates(routing, ranking)
+            mask = self._guide_mask(mask, b, h, w)
+        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check)
+
+    def _guide_mask(self, mask, b, h, w) -> torch.Tensor:
+        """A given rain mask [B,1,H,W] or [B,H,W] -> [B,1,H',W'] 0..1 at the padded image size."""
+        mask = torch.as_tensor(mask).float()
+        mask = mask[:, None] if mask.dim() == 3 else mask
+        if mask.shape[0] == 1 and b > 1:
+            mask = mask.expand(b, -1, -1, -1)
+        if mask.shape[0] != b:
+            raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {b}")
+        if mask.shape[-2:] != (h, w):
+            mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+        return _pad_to(mask.clamp(0, 1), self.multiple)
+
+    def _restore_batch(self, batch: _Batch, opt: DerainOptions, progress, preview):
+        """Each image: the expert check (when on) picks its expert, then every flip of it is restored tile by
+        tile and the flips are averaged. -> (images, masks), one [1,C,H,W] each per image."""
+        h, w, b = batch.h, batch.w, batch.rgb.shape[0]
+        tile = self._auto_tile(opt.tile, h, w)
+        flips = ENSEMBLE_FLIPS if opt.self_ensemble else ((),)
+        n_tiles = count_tiles(h, w, tile, opt.overlap, self.multiple)
+        cands = check_candidates(batch.routing, batch.ranking) if batch.check else None
+        if cands is not None:
             # a checked image: two restorations and two residual-mask runs, then the other flips
             total = n_tiles * sum(len(flips) + 3 * (len(cs) - 1) for cs in cands)
         else:
             total = n_tiles * b * len(flips)
-        done = [0]
-
-        def step(i, n):
-            if progress:
-                progress(done[0] + i, total)
+        steps = _Steps(total, progress)
 
         def restore_flip(inp, r, dims):
-            fn = lambda t: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, passes)  # noqa: E731
+            """One restoration of ``inp`` flipped over ``dims``, tile by tile -> (image, mask) unflipped."""
+            fn = lambda t: self._restore(t[:, :3], r, t[:, 3:] if t.shape[1] > 3 else None, opt.passes)  # noqa: E731
             # flip the unpadded image so that padding stays at the bottom/right
             src = inp if not dims else _pad_to(inp[..., :h, :w].flip(dims), self.multiple)
             look = _preview_of(preview, h, w, lambda o, covered, s: torch.where(
                 covered, o, src[:, :3, ::s, ::s].to(o)), dims)
-            oi, mi_ = run_tiled(fn, src, tile, overlap, self.multiple, (3, 1), step, look)
-            done[0] += n_tiles
+            oi, mi_ = run_tiled(fn, src, tile, opt.overlap, self.multiple, (3, 1), steps.step, look)
+            steps.advance(n_tiles)
             return oi[..., :h, :w].clamp(0, 1).cpu().flip(dims), mi_[..., :h, :w].cpu().flip(dims)
 
         def residual_rain(img):
-            v = float(self._residual_rain(img, tile, overlap, step))
-            done[0] += n_tiles
+            v = float(self.residual_rain(img, tile, opt.overlap, steps.step))
+            steps.advance(n_tiles)
             return v
 
         outs, masks = [], []
-        routing = routing.clone()
+        routing = batch.routing = batch.routing.clone()
         for i in range(b):
-            xi = rgb[i:i + 1]
-            mi = mask[i:i + 1] if mask is not None else None
+            xi = batch.rgb[i:i + 1]
+            mi = batch.mask[i:i + 1] if batch.mask is not None else None
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
-            first = {}  # identity-flip restoration of a checked candidate, reused below
-            if check:  # one expert per image: the first candidate, or the runner-up the check keeps
-                chosen = cands[i][0]
-                if len(cands[i]) > 1:
-                    residual = []
-                    for e in cands[i]:
-                        one = route(torch.zeros(1, routing.shape[1]), override=e).to(self.device)
-                        first[e] = restore_flip(inp, one, ())
-                        residual.append(residual_rain(first[e][0]))
-                    chosen = cands[i][check_choice(residual, check_ratio)]
-                    first = {(): first[chosen]}
-                routing[i] = route(torch.zeros(1, routing.shape[1]), override=chosen)[0]
+            done = {}  # flips already restored (by the check), reused below
+            if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
+                chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
+                routing[i] = self._one_expert(chosen)[0]
             r = routing[i:i + 1].to(self.device)
             o = m = 0
             for dims in flips:  # flip(()) is the identity
-                oi, mi_ = first.get(dims) or restore_flip(inp, r, dims)
+                oi, mi_ = done.get(dims) or restore_flip(inp, r, dims)
                 o = o + oi / len(flips)
                 m = m + mi_ / len(flips)
             outs.append(o)
             masks.append(m)
-        out = merge_channels(torch.cat(outs), alpha, c)
-        return DerainResult(out, torch.cat(masks), pattern, routing, source, time.perf_counter() - t0)
+        return outs, masks
 
-    def _residual_rain(self, img, tile, overlap, progress=None) -> torch.Tensor:
-        """Mean of the model's own rain mask over a restored image [1,3,h,w] (0..1): the rain it still sees."""
+    def _one_expert(self, e: int) -> torch.Tensor:
+        return route(torch.zeros(1, self.model.config.num_experts), override=e)
+
+    def _check_expert(self, inp, cands: list[int], ratio: float, restore_flip, residual_rain):
+        """The expert check of one image: restore it with each candidate and keep the one
+        :func:`check_choice` picks by the rain left. -> (expert, {(): its unflipped restoration} or {})."""
+        if len(cands) == 1:
+            return cands[0], {}
+        restored, residual = {}, []
+        for e in cands:
+            restored[e] = restore_flip(inp, self._one_expert(e).to(self.device), ())
+            residual.append(residual_rain(restored[e][0]))
+        chosen = cands[check_choice(residual, ratio)]
+        return chosen, {(): restored[chosen]}
+
+    def residual_rain(self, img, tile=None, overlap=DEFAULT_OVERLAP, progress=None) -> torch.Tensor:
+        """Mean of the model's own rain mask over a restored image [1,3,h,w] (0..1): the rain it still sees
+        (what the expert check compares)."""
         return self.estimate_mask(img, tile, overlap, progress).mean()
 
     def _restore(self, t, r, m, passes=None):

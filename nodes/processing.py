@@ -1,13 +1,20 @@
 """Perceive, route, estimate masks and derain: thin nodes over cliprpn_core.inference."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from comfy_api.latest import io
 
 from ..cliprpn_core import node_names as N
-from ..cliprpn_core.arch import route as arch_route
+from ..cliprpn_core.arch import route_pattern
 from ..cliprpn_core.config import MAX_PASSES
-from ..cliprpn_core.inference import DEFAULT_OVERLAP, Derainer, count_tiles
+from ..cliprpn_core.inference import (
+    DEFAULT_OVERLAP,
+    Derainer,
+    DerainOptions,
+    count_tiles,
+)
 from . import _host as H
 from . import node_logic
 from ._types import CATEGORY, CLIPRPNModel, RainPattern, RainRouting
@@ -57,8 +64,8 @@ def route(handle: node_logic.ModelHandle, pattern: node_logic.RainPattern, top_k
     router = handle.model.router
     with torch.inference_mode():
         dev = next(router.parameters()).device
-        logits = router.logits(pattern.probs.to(dev)).float().cpu()
-        w = arch_route(logits, int(top_k), float(temperature), idx)
+        w, logits = route_pattern(router, pattern.probs.to(dev), int(top_k), float(temperature), idx)
+        w, logits = w.cpu(), logits.cpu()
         ranking = None if idx is not None else logits  # what the Derain node's expert check ranks by
     note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
     return node_logic.RainRouting(w, handle.experts, note, ranking)
@@ -83,8 +90,18 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
     return m[:, 0]
 
 
-def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP,
-           self_ensemble=False, passes=0, expert_check=False):
+def derain_options(top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0,
+                   expert_check=False) -> DerainOptions:
+    """The Derain nodes' inputs as the core's DerainOptions (0 for tile and passes: the defaults)."""
+    return DerainOptions(top_k=int(top_k), temperature=float(temperature), tile=int(tile) or None,
+                         overlap=int(overlap), self_ensemble=bool(self_ensemble), passes=int(passes) or None,
+                         check=bool(expert_check))
+
+
+def derain(handle, image, routing=None, mask=None, options: DerainOptions | None = None):
+    """Derain an IMAGE batch [B,H,W,C] with per-tile progress and previews; a GPU out of memory halves the
+    tile (an untiled run becomes 512-px tiles) down to 128 before giving up."""
+    opt = options or DerainOptions()
     x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
     weights = ranking = None
@@ -107,15 +124,14 @@ def derain(handle, image, routing=None, mask=None, top_k=1, temperature=1.0, til
 
         def preview(image):
             shown[0] = image
-        r = d.derain(x, routing=weights, mask=m, top_k=int(top_k), temperature=float(temperature),
-                     tile=t, overlap=int(overlap), progress=step, self_ensemble=bool(self_ensemble),
-                     passes=int(passes) or None, check=bool(expert_check), ranking=ranking, preview=preview)
-        if bar[0] is not None and (expert_check or self_ensemble):
+        r = d.derain(x, replace(opt, tile=t), routing=weights, mask=m, ranking=ranking, progress=step,
+                     preview=preview)
+        if bar[0] is not None and (opt.check or opt.self_ensemble):
             # the last tile shown was a candidate or one flip: show the kept (averaged) result
             bar[0].show(lambda max_side: r.images[-1:, :3])
         return r
 
-    return node_logic.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
+    return node_logic.run_with_backoff(run, opt.tile or None, H.is_oom, H.free_after_oom)
 
 
 class CLIPRainPerceiver(io.ComfyNode):
@@ -237,8 +253,8 @@ class CrossAttentionDerain(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
                 overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False) -> io.NodeOutput:
-        r = derain(model, image, routing, mask, top_k, temperature, tile, overlap, self_ensemble, passes,
-                   expert_check)
+        r = derain(model, image, routing, mask,
+                   derain_options(top_k, temperature, tile, overlap, self_ensemble, passes, expert_check))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 
@@ -262,7 +278,7 @@ class CLIPRPNDerain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, expert_check=False) -> io.NodeOutput:
-        r = derain(model, image, expert_check=expert_check)
+        r = derain(model, image, options=derain_options(expert_check=expert_check))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)))
 
 

@@ -126,3 +126,23 @@ def test_passes_config_default_validation_and_same_weights():
     assert not a.same_weights(tiny_config(widths=(8, 24)))
     m = CLIPRPN(tiny_config(passes=2))
     assert set(m.state_dict()) == set(CLIPRPN(a).state_dict())
+
+
+def test_route_pattern_is_the_one_routing_step(tiny_model):
+    from cliprpn_core.arch import route_pattern
+    router = tiny_model.router
+    with torch.no_grad():
+        router.linear.bias.copy_(torch.tensor([0.5, -0.2, 0.1, 0.3]))
+    probs = pattern_probs(torch.randn(3, PATTERN_DIM))
+    weights, logits = route_pattern(router, probs, top_k=2, temperature=0.5)
+    assert torch.equal(logits, router.logits(probs)) and logits.dtype == torch.float32
+    assert torch.equal(weights, route(logits, top_k=2, temperature=0.5))
+    assert torch.equal(router(probs, 2, 0.5), weights)  # the router's forward is that step
+    w, _ = route_pattern(router, probs, override=1)
+    assert w[:, 1].tolist() == [1.0, 1.0, 1.0]
+    # the model's forward routes by the same step from its pattern head
+    x = torch.rand(2, 3, 16, 16)
+    out = tiny_model(x, top_k=2)
+    with torch.no_grad():
+        want, want_logits = route_pattern(router, pattern_probs(tiny_model.perceive(x)), top_k=2)
+    assert torch.equal(out.routing, want) and torch.equal(out.router_logits, want_logits)

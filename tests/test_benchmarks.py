@@ -97,7 +97,7 @@ def test_routing_check_measures_what_the_check_decides(tiny_model):
     import numpy as np
     import torch
     from cliprpn_core import Derainer
-    from cliprpn_core.inference import check_choice
+    from cliprpn_core.inference import DerainOptions, check_choice
     rc = _load("routing_check")
     to_u8 = _load("common").to_u8
     d = Derainer(tiny_model)
@@ -112,7 +112,7 @@ def test_routing_check_measures_what_the_check_decides(tiny_model):
         assert row["checked"] == (bias[0] > 0) and len(row["residual"]) == 2
         for t in (1e-9, 0.5, 1.0, 1e9):
             want = row["experts"][rc.decide(row, t)]
-            assert int(d.derain(x, check=True, check_ratio=t).routing[0].argmax()) == want
+            assert int(d.derain(x, DerainOptions(check=True, check_ratio=t)).routing[0].argmax()) == want
     assert rc.decide(row, 1e9) == 0 and rc.decide(row, 1e9, every_pair=True) == check_choice(row["residual"], 1e9)
     row["checked"] = True
     rows = [row, {"experts": [0, 1], "checked": True, "residual": [0.02, 0.009], "psnr": [30.0, 33.0]},

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cliprpn_core import Derainer
-from cliprpn_core.inference import check_images, tile_grid
+from cliprpn_core.inference import DerainOptions, check_images, tile_grid
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_tiled_matches_untiled(derainer):
     x = torch.rand(1, 3, 120, 150)
     r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     full = derainer.derain(x, routing=r)
-    tiled = derainer.derain(x, routing=r, tile=80, overlap=48)
+    tiled = derainer.derain(x, DerainOptions(tile=80, overlap=48), routing=r)
     assert (full.images - tiled.images).abs().max() < 1e-3
     assert (full.masks - tiled.masks).abs().max() < 1e-3
 
@@ -41,7 +41,8 @@ def test_tile_grid_aligned_and_covering():
 
 def test_progress_called_per_tile(derainer):
     calls = []
-    derainer.derain(torch.rand(2, 3, 64, 64), tile=32, overlap=8, progress=lambda d, n: calls.append((d, n)))
+    derainer.derain(torch.rand(2, 3, 64, 64), DerainOptions(tile=32, overlap=8),
+                    progress=lambda d, n: calls.append((d, n)))
     assert calls[-1][0] == calls[-1][1] == len(calls)
     assert len(calls) == 2 * 9
 
@@ -85,7 +86,7 @@ def test_half_precisions_close_to_fp32(tiny_model, dtype):
 
 def test_override_and_external_mask(derainer):
     x = torch.rand(2, 3, 16, 16)
-    r = derainer.derain(x, override=2)
+    r = derainer.derain(x, DerainOptions(expert=2))
     assert r.routing[:, 2].tolist() == [1.0, 1.0]
     m = torch.zeros(2, 16, 16)
     r2 = derainer.derain(x, mask=m)
@@ -118,7 +119,8 @@ def test_self_ensemble_averages_the_flipped_passes(derainer):
     x = torch.rand(1, 3, 37, 52)  # odd size: padding must not shift the flipped passes
     r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     calls = []
-    ens = derainer.derain(x, routing=r, self_ensemble=True, progress=lambda d, n: calls.append((d, n)))
+    ens = derainer.derain(x, DerainOptions(self_ensemble=True), routing=r,
+                          progress=lambda d, n: calls.append((d, n)))
     assert calls[-1] == (4, 4)
     manual = 0
     for dims in ((), (-1,), (-2,), (-2, -1)):
@@ -129,7 +131,7 @@ def test_self_ensemble_averages_the_flipped_passes(derainer):
     plain = derainer.derain(x, routing=r)
     assert not torch.allclose(ens.images, plain.images)
     assert ens.images.shape == x.shape and ens.masks.shape == (1, 1, 37, 52)
-    tiled = derainer.derain(x, routing=r, self_ensemble=True, tile=32, overlap=16)
+    tiled = derainer.derain(x, DerainOptions(self_ensemble=True, tile=32, overlap=16), routing=r)
     assert (tiled.images - ens.images).abs().max() < 2e-3
 
 
@@ -140,14 +142,14 @@ def test_passes_option_and_model_setting(tiny_model):
     m2 = CLIPRPN(tiny_config(passes=2))
     m2.load_state_dict(tiny_model.state_dict())
     d2 = Derainer(m2, device="cpu", dtype="fp32")
-    a = d1.derain(x, passes=2)
+    a = d1.derain(x, DerainOptions(passes=2))
     b = d2.derain(x)  # the model's own setting
     torch.testing.assert_close(a.images, b.images)
-    torch.testing.assert_close(d2.derain(x, passes=1).images, d1.derain(x).images)
+    torch.testing.assert_close(d2.derain(x, DerainOptions(passes=1)).images, d1.derain(x).images)
     assert not torch.allclose(a.images, d1.derain(x).images)
     torch.testing.assert_close(a.masks, d1.derain(x).masks)  # the first pass's mask
     with pytest.raises(ValueError, match="passes must be 1..8"):
-        d1.derain(x, passes=9)
+        d1.derain(x, DerainOptions(passes=9))
 
 
 # -- expert check -----------------------------------------------------------------------------
@@ -178,21 +180,24 @@ def test_check_output_is_the_chosen_single_expert(derainer, monkeypatch):
     x = torch.rand(2, 3, 40, 56)
     ranking = torch.tensor([[2.0, 1.0, 0, 0], [1.0, 2.0, 0, 0]])
     seen = []
-    real = derainer._residual_rain
-    monkeypatch.setattr(derainer, "_residual_rain", lambda img, *a: seen.append(real(img, *a)) or seen[-1])
-    never = derainer.derain(x, ranking=ranking, routing=torch.zeros(2, 4), check=True, check_ratio=1e-9)
+    real = derainer.residual_rain
+    monkeypatch.setattr(derainer, "residual_rain", lambda img, *a: seen.append(real(img, *a)) or seen[-1])
+    never = derainer.derain(x, DerainOptions(check=True, check_ratio=1e-9), ranking=ranking,
+                            routing=torch.zeros(2, 4))
     assert len(seen) == 4 and all(float(s) > 0 for s in seen)  # two candidates per image were measured
-    always = derainer.derain(x, ranking=ranking, routing=torch.zeros(2, 4), check=True, check_ratio=1e9)
+    always = derainer.derain(x, DerainOptions(check=True, check_ratio=1e9), ranking=ranking,
+                             routing=torch.zeros(2, 4))
     assert never.routing.argmax(1).tolist() == [0, 1] and always.routing.argmax(1).tolist() == [1, 0]
-    one_row = derainer.derain(x, ranking=ranking[:1], routing=torch.zeros(1, 4), check=True, check_ratio=1e9)
+    one_row = derainer.derain(x, DerainOptions(check=True, check_ratio=1e9), ranking=ranking[:1],
+                              routing=torch.zeros(1, 4))
     assert one_row.routing.argmax(1).tolist() == [1, 1]  # one ranking row serves the whole batch
-    unchecked = derainer.derain(x, ranking=torch.tensor([[0, 0, 2.0, 1.0]] * 2), routing=torch.zeros(2, 4),
-                                check=True, check_ratio=1e9)
+    unchecked = derainer.derain(x, DerainOptions(check=True, check_ratio=1e9),
+                                ranking=torch.tensor([[0, 0, 2.0, 1.0]] * 2), routing=torch.zeros(2, 4))
     assert len(seen) == 12 and unchecked.routing.argmax(1).tolist() == [2, 2]  # veil/drops: not checked
     for r, experts in ((never, [0, 1]), (always, [1, 0])):
         assert torch.equal(r.routing, torch.nn.functional.one_hot(torch.tensor(experts), 4).float())
         for i, e in enumerate(experts):
-            single = derainer.derain(x[i:i + 1], override=e)
+            single = derainer.derain(x[i:i + 1], DerainOptions(expert=e))
             assert torch.allclose(r.images[i:i + 1], single.images, atol=1e-6)
             assert torch.allclose(r.masks[i:i + 1], single.masks, atol=1e-6)
 
@@ -205,25 +210,44 @@ def test_check_follows_the_router_and_respects_override(derainer):
     probs, _ = derainer.perceive(x)
     logits = derainer.model.router.logits(probs)
     top2 = logits[0].argsort(descending=True)[:2].tolist()
-    assert derainer.derain(x, check=True, check_ratio=1e-9).routing.argmax(1).item() == top2[0]
-    assert derainer.derain(x, check=True, check_ratio=1e9).routing.argmax(1).item() == top2[1]
-    manual = derainer.derain(x, override=2, check=True, check_ratio=1e9)  # a manual choice is not checked
+    assert derainer.derain(x, DerainOptions(check=True, check_ratio=1e-9)).routing.argmax(1).item() == top2[0]
+    assert derainer.derain(x, DerainOptions(check=True, check_ratio=1e9)).routing.argmax(1).item() == top2[1]
+    manual = derainer.derain(x, DerainOptions(expert=2, check=True, check_ratio=1e9))  # a manual choice is not checked
     assert manual.routing.argmax(1).item() == 2
     with pytest.raises(ValueError, match="check_ratio"):
-        derainer.derain(x, check=True, check_ratio=0)
+        derainer.derain(x, DerainOptions(check=True, check_ratio=0))
 
 
 def test_check_with_self_ensemble_tiles_and_progress(derainer):
     torch.manual_seed(5)
     x = torch.rand(1, 3, 96, 112)
     calls = []
-    r = derainer.derain(x, check=True, check_ratio=1e9, self_ensemble=True, tile=64, overlap=16,
+    r = derainer.derain(x, DerainOptions(check=True, check_ratio=1e9, self_ensemble=True, tile=64, overlap=16),
                         progress=lambda i, n: calls.append((i, n)))
     e = int(r.routing.argmax())
-    ref = derainer.derain(x, override=e, self_ensemble=True, tile=64, overlap=16)
+    ref = derainer.derain(x, DerainOptions(expert=e, self_ensemble=True, tile=64, overlap=16))
     assert torch.allclose(r.images, ref.images, atol=1e-6)
     total = calls[-1][1]
     assert all(n == total for _, n in calls) and calls[-1][0] == total  # one bar, ends full
+
+
+# -- options and the dtype policy -------------------------------------------------------------------------------
+
+def test_derain_options_carry_every_setting(derainer):
+    from cliprpn_core.inference import CHECK_RATIO, DEFAULT_OVERLAP
+    opt = DerainOptions()
+    assert (opt.top_k, opt.expert, opt.tile, opt.overlap, opt.passes, opt.check, opt.check_ratio) == \
+        (1, None, None, DEFAULT_OVERLAP, None, False, CHECK_RATIO)
+    x = torch.rand(1, 3, 40, 48)
+    a = derainer.derain(x, DerainOptions(expert=1, tile=32, overlap=8))
+    assert a.routing[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(TypeError):  # settings travel in DerainOptions only
+        derainer.derain(x, tile=32)
+    with pytest.raises(ValueError, match="passes must be"):
+        DerainOptions(passes=0).checked()
+    assert DerainOptions(passes=2).checked().passes == 2
+    with pytest.raises(ValueError, match="passes must be"):  # checked before any work
+        derainer.derain(torch.rand(1, 3, 2, 2), DerainOptions(passes=9))
 
 
 def test_one_dtype_policy():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cliprpn_core import CLIPRPN, tiny_config
-from cliprpn_core.inference import ENSEMBLE_FLIPS, Derainer, count_tiles
+from cliprpn_core.inference import ENSEMBLE_FLIPS, Derainer, DerainOptions, count_tiles
 
 
 def _derainer():
@@ -18,7 +18,7 @@ def test_derain_preview_grows_tile_by_tile_and_ends_at_the_result():
     d = _derainer()
     x = torch.rand(1, 3, 70, 90)
     snaps = []
-    r = d.derain(x, tile=32, overlap=8, preview=lambda image: snaps.append(image()))
+    r = d.derain(x, DerainOptions(tile=32, overlap=8), preview=lambda image: snaps.append(image()))
     assert len(snaps) == count_tiles(70, 90, 32, 8, d.multiple) > 1
     first = snaps[0]
     assert first.shape == (1, 3, 70, 90)
@@ -31,7 +31,7 @@ def test_preview_is_downscaled_on_request_and_costs_nothing_unasked():
     d = _derainer()
     x = torch.rand(2, 3, 70, 90)
     calls, small = [], []
-    d.derain(x, tile=32, overlap=8, preview=lambda image: calls.append(1))
+    d.derain(x, DerainOptions(tile=32, overlap=8), preview=lambda image: calls.append(1))
     d.derain(x[:1], preview=lambda image: small.append(image(30)))
     assert len(calls) == 2 * count_tiles(70, 90, 32, 8, d.multiple)
     assert small[0].shape == (1, 3, 24, 30)  # every 3rd pixel: longer side <= 30
@@ -41,7 +41,7 @@ def test_self_ensemble_previews_come_back_unflipped():
     d = _derainer()
     x = torch.rand(1, 3, 40, 56)
     snaps = []
-    d.derain(x, self_ensemble=True, preview=lambda image: snaps.append(image()))
+    d.derain(x, DerainOptions(self_ensemble=True), preview=lambda image: snaps.append(image()))
     assert len(snaps) == len(ENSEMBLE_FLIPS) == 4
     for s, dims in zip(snaps, ENSEMBLE_FLIPS):  # each flip's restoration, flipped back
         assert torch.allclose(s, d.derain(x.flip(dims)).images.flip(dims), atol=1e-5), dims

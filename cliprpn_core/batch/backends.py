@@ -65,11 +65,12 @@ class LocalBackend(Backend):
         self.check = bool(check)
         import torch
 
-        from ..inference import load_derainer
+        from ..inference import DerainOptions, load_derainer
         if threads:
             torch.set_num_threads(threads)
         self.derainer, self.ckpt = load_derainer(checkpoint, clip, device=device, dtype=dtype)
         self.tile = tile or None
+        self.options = DerainOptions(tile=self.tile, check=self.check)
         self.name = f"in-process:{self.derainer.device}"
 
     def process(self, job: Job) -> Output:
@@ -83,7 +84,7 @@ class LocalBackend(Backend):
         except OSError as e:
             raise BadInput(f"{job.src}: cannot be read ({e})") from e
         try:
-            r = self.derainer.derain(img, tile=self.tile, check=self.check)
+            r = self.derainer.derain(img, self.options)
         except ValueError as e:  # check_images: too small, odd channel count, NaN
             raise BadInput(f"{job.src}: {e}") from e
         w = r.routing[0]

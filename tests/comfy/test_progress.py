@@ -87,7 +87,8 @@ def test_a_failing_preview_never_fails_the_run_and_gray_becomes_rgb(nodes_env):
 def test_derain_reports_every_tile_with_a_preview(nodes_env, handle):
     st = nodes_env.state
     image = torch.rand(2, 70, 90, 3)
-    r = nodes_env.processing.derain(handle, image, tile=32, overlap=8)
+    p = nodes_env.processing
+    r = p.derain(handle, image, options=p.derain_options(tile=32, overlap=8))
     n_tiles = len(st.progress) // 2
     assert n_tiles > 1 and [v for v, _ in st.progress] == list(range(1, 2 * n_tiles + 1))
     assert {t for _, t in st.progress} == {2 * n_tiles}
