@@ -166,10 +166,10 @@ class PairedSource:
         self.rain, self.gt, self.heavy = [], [], []
         for rp, gp, packed in pairs:
             a, b = load_rgb_uint8(rp), load_rgb_uint8(gp)
-            if packed:  # a packed pair (scripts/pack_gpu_data.py): rainy = clean + its rain layer
-                a = np.clip(b.astype(np.int16) + a, 0, 255).astype(np.uint8) if a.shape == b.shape else a
             if a.shape != b.shape:
                 raise ValueError(f"pair {rp.name}: rainy {a.shape} and clean {b.shape} differ in size")
+            if packed:  # a packed pair (scripts/pack_gpu_data.py): rainy = clean + its rain layer
+                a = np.clip(b.astype(np.int16) + a, 0, 255).astype(np.uint8)
             if min(a.shape[:2]) < min_side:
                 continue
             self.rain.append(_to_tensor(a))

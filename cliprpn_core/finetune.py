@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from . import losses as L
 from . import plotting
 from .arch import pattern_probs
+from .inference import split_channels
 from .train import TrainStep, cosine_lr
 
 MIN_SIDE = 16  # smallest pair side a fine-tune takes
@@ -29,11 +30,9 @@ class FinetuneResult:
 def rgb_only(x_bchw: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] with C in 1..4 -> [B,3,H,W] (gray expanded, alpha dropped)."""
     c = x_bchw.shape[1]
-    if c in (1, 2):
-        return x_bchw[:, :1].expand(-1, 3, -1, -1)
-    if c in (3, 4):
-        return x_bchw[:, :3]
-    raise ValueError(f"image has {c} channels; CLIP-RPN takes 1-4 channels. Convert it to RGB first")
+    if c not in (1, 2, 3, 4):
+        raise ValueError(f"image has {c} channels; CLIP-RPN takes 1-4 channels. Convert it to RGB first")
+    return split_channels(x_bchw)[0]
 
 
 def check_pairs(rainy: torch.Tensor, clean: torch.Tensor):

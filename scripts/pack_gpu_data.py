@@ -28,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cliprpn_core.data import pair_files  # noqa: E402
-from cliprpn_core.imageio import images_under  # noqa: E402
+from cliprpn_core.imageio import images_under, load_rgb_uint8  # noqa: E402
 
 PAIR_SETS = ("heavy_train", "train_pairs_small")
 COMPACT_SETS = ("heavy_train", "train_pairs_small", "rain100l_train")
@@ -36,6 +36,22 @@ COMPACT_SETS = ("heavy_train", "train_pairs_small", "rain100l_train")
 
 def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def pack_compact(src: Path, dst: Path, gt_quality: int) -> int:
+    """The pairs under src as dst/gt/NAME.jpg (JPEG at gt_quality) + dst/layer/NAME.webp (the rain layer
+    max(rainy - clean, 0), lossless): what data.PairedSource reads back as rainy = clean + layer.
+    -> how many channel values had rainy < clean (dropped from the layer)."""
+    (dst / "gt").mkdir(parents=True)
+    (dst / "layer").mkdir()
+    clipped = 0
+    for rp, gp in pair_files(src):
+        rain, gt = load_rgb_uint8(rp).astype(np.int16), load_rgb_uint8(gp).astype(np.int16)
+        clipped += int((rain < gt).sum())
+        Image.fromarray(gt.astype(np.uint8)).save(dst / "gt" / (rp.stem + ".jpg"), quality=gt_quality)
+        Image.fromarray(np.clip(rain - gt, 0, 255).astype(np.uint8)).save(
+            dst / "layer" / (rp.stem + ".webp"), lossless=True, quality=100, method=6)
+    return clipped
 
 
 def main(argv=None):
@@ -62,18 +78,10 @@ def main(argv=None):
     for s in sets:
         if not (data / s).is_dir():
             continue
-        if not a.compact:
+        if a.compact:
+            clipped += pack_compact(data / s, tmp / s, a.gt_quality)
+        else:
             shutil.copytree(data / s, tmp / s)
-            continue
-        (tmp / s / "gt").mkdir(parents=True)
-        (tmp / s / "layer").mkdir()
-        for rp, gp in pair_files(data / s):
-            rain = np.asarray(Image.open(rp).convert("RGB"), dtype=np.int16)
-            gt = np.asarray(Image.open(gp).convert("RGB"), dtype=np.int16)
-            clipped += int((rain < gt).sum())
-            Image.fromarray(gt.astype(np.uint8)).save(tmp / s / "gt" / (rp.stem + ".jpg"), quality=a.gt_quality)
-            Image.fromarray(np.clip(rain - gt, 0, 255).astype(np.uint8)).save(
-                tmp / s / "layer" / (rp.stem + ".webp"), lossless=True, quality=100, method=6)
     if clipped:
         print(f"note: {clipped} pixel channels where rainy < clean were dropped from the packed rain layers")
     mb = size_mb(tmp)
