@@ -4,18 +4,16 @@
 2. Optional CLIP perception: open_clip_torch (and timm, which it uses for some CLIP models) need
    torchvision, and installing them with their dependencies into a Python that lacks torchvision pulls a
    torchvision from PyPI, which can bring a different torch and replace ComfyUI's (often a CUDA build).
-   So they are never in requirements.txt; here they are installed with ``--no-deps`` (their pure-Python
-   dependencies are in requirements.txt) and only when a torchvision matching the installed torch is
-   already there. Otherwise nothing is installed and one line says how to enable CLIP: the model's
-   built-in pattern head perceives the rain without it. torch and torchvision are never installed,
-   upgraded or removed. Set CLIPRPN_NO_PIP=1 to skip every pip call.
+   So they are never in requirements.txt, and this script never runs pip (ComfyUI's rule for install
+   scripts): it prints one line with the exact command that enables CLIP in this Python — ``--no-deps``
+   when a torchvision matching the installed torch is there, the matching torchvision first otherwise.
+   Without CLIP the model's built-in pattern head perceives the rain.
 
 The decision is the pure function ``clip_plan`` (tested with mocked versions in tests/test_packaging.py)."""
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -28,7 +26,7 @@ TAG = "[CLIP-RPN]"
 
 @dataclass
 class Plan:
-    action: str  # "none" (already there), "install" (pip install --no-deps packages) or "skip"
+    action: str  # "none" (CLIP packages already there) or "hint" (message says how to enable CLIP)
     message: str = ""
     packages: list[str] = field(default_factory=list)
 
@@ -70,30 +68,27 @@ def _enable_hint(torch_version: str) -> str:
 
 
 def clip_plan(torch_version: str | None, tv_version: str | None, open_clip_version: str | None,
-              timm_version: str | None = None, no_pip: bool = False) -> Plan:
-    """What to do about the optional CLIP packages, from the installed versions (None = not installed)."""
+              timm_version: str | None = None) -> Plan:
+    """What to tell the user about the optional CLIP packages, from the installed versions (None = not
+    installed). Never an action that installs anything."""
     if open_clip_version and _release(open_clip_version) >= (2, 24) and timm_version:
         return Plan("none")
     if torch_version is None:
-        return Plan("skip", f"{TAG} torch is not installed in this Python; install ComfyUI's requirements first. "
+        return Plan("hint", f"{TAG} torch is not installed in this Python; install ComfyUI's requirements first. "
                             "CLIP perception is off (the built-in pattern head is used).")
     pkgs = [p for p, have in zip(CLIP_PACKAGES, (open_clip_version, timm_version))
             if not have or (p.startswith("open_clip") and _release(have) < (2, 24))]
+    off = "CLIP perception is off; the model's built-in pattern head perceives the rain. "
     if tv_version is None:
-        return Plan("skip", f"{TAG} torchvision is not installed (torch {torch_version}), so open_clip_torch is not "
-                            "installed: pip would fetch a torchvision from PyPI that can replace your torch. CLIP "
-                            "perception is off; the model's built-in pattern head perceives the rain. "
+        return Plan("hint", f"{TAG} torchvision is not installed (torch {torch_version}); open_clip_torch needs it, and "
+                            "pip would fetch one from PyPI that can replace your torch. " + off
                             + _enable_hint(torch_version), pkgs)
     if not torchvision_matches(torch_version, tv_version):
-        return Plan("skip", f"{TAG} torchvision {tv_version} does not match torch {torch_version} (expected "
-                            f"{matching_torchvision(torch_version) or '?'}.x with the same build tag), so open_clip_torch "
-                            "is not installed. CLIP perception is off; the built-in pattern head is used. "
+        return Plan("hint", f"{TAG} torchvision {tv_version} does not match torch {torch_version} (expected "
+                            f"{matching_torchvision(torch_version) or '?'}.x with the same build tag). " + off
                             + _enable_hint(torch_version), pkgs)
-    if no_pip:
-        return Plan("skip", f"{TAG} CLIPRPN_NO_PIP is set: not installing {' '.join(pkgs)} (CLIP perception is off "
-                            "until you do: pip install --no-deps " + " ".join(f'"{p}"' for p in pkgs) + ")", pkgs)
-    return Plan("install", f"{TAG} installing {' '.join(pkgs)} with --no-deps (torch {torch_version} and "
-                           f"torchvision {tv_version} are kept)", pkgs)
+    return Plan("hint", f"{TAG} {' '.join(p.split('>')[0] for p in pkgs)} not installed. " + off
+                        + "To enable it (torch and torchvision are kept): " + " ".join(pip_command(pkgs)), pkgs)
 
 
 def installed(dist: str) -> str | None:
@@ -104,7 +99,8 @@ def installed(dist: str) -> str | None:
 
 
 def pip_command(packages: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *packages]
+    """The command a user runs to add the CLIP packages to this Python without touching torch."""
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *(f'"{p}"' for p in packages)]
 
 
 def _comfy_models_dir():
@@ -123,15 +119,9 @@ def main():
         print(f"{TAG} the shipped model {DEFAULT} is missing or incomplete "
               "(git-lfs not installed?); reinstall the pack", file=sys.stderr)
         rc = 1
-    plan = clip_plan(installed("torch"), installed("torchvision"), installed("open_clip_torch"), installed("timm"),
-                     no_pip=bool(os.environ.get("CLIPRPN_NO_PIP")))
+    plan = clip_plan(installed("torch"), installed("torchvision"), installed("open_clip_torch"), installed("timm"))
     if plan.message:
-        print(plan.message, file=sys.stderr if plan.action == "skip" else sys.stdout)
-    if plan.action == "install":
-        r = subprocess.run(pip_command(plan.packages), check=False)
-        if r.returncode != 0:
-            print(f"{TAG} pip could not install {' '.join(plan.packages)}; CLIP perception stays off "
-                  "(the built-in pattern head is used)", file=sys.stderr)
+        print(plan.message)
     return rc
 
 

@@ -5,9 +5,9 @@
 
 rewrites workflows/<title>.json (UI format, what users drag in and what the template browser
 lists: custom-node templates show their file name as title and description, so the file names are
-the human titles of TITLES), workflows/<title>.jpg (thumbnails: before/after pictures made by
-running the shipped model on example_inputs/) and workflows/api/<name>.json (API format for
-POST /prompt, ``cliprpn batch``). With a server URL, the node definitions the files are built
+the human titles of TITLES) and workflows/api/<name>.json (API format for POST /prompt, ``cliprpn
+batch``). The thumbnails beside them (workflows/<title>.jpg) are screenshots of the workflows run in
+ComfyUI's frontend, written by the browser test (tests/comfy/test_browser.py). With a server URL, the node definitions the files are built
 from (OBJECT_INFO_SNAPSHOT: /object_info of the node types used, tooltips left out) are
 refreshed first. The tests compare the committed files with a fresh build, check every node's
 saved widget values against the node definitions (the pack's own schema without a server, the
@@ -171,15 +171,21 @@ TITLE_H = 30  # LiteGraph's title bar, drawn above a node's pos
 GAP_X, GAP_Y, LEFT, TOP = 70, 50, 40, 80
 DS = {"scale": 0.75, "offset": [40, 60]}
 # node body sizes [w, h]: large enough for every widget and for the image a node shows after a run
+# (the image outputs, and the pack's long nodes, which show a preview while they work: the frontend
+# keeps it on the node and grows a node too small for it, over its neighbours; measured in Chromium)
 SIZES = {
     "LoadImage": (340, 420), "PreviewImage": (360, 340), "SaveImage": (380, 400), "PreviewAny": (360, 170),
-    "Note": (360, 260), "CLIPRPNLoader": (340, 150), "CLIPRPNDerain": (300, 90), "CLIPRPNRainPerceiver": (300, 100),
-    "CLIPRPNExpertRouter": (320, 130), "CLIPRPNMaskEstimator": (300, 110), "CLIPRPNCrossAttentionDerain": (340, 260),
-    "CLIPRPNSynthesizeRain": (300, 110), "CLIPRPNFinetune": (340, 270), "MaskToImage": (240, 50),
+    "Note": (360, 260), "CLIPRPNLoader": (340, 150), "CLIPRPNDerain": (320, 330), "CLIPRPNRainPerceiver": (300, 100),
+    "CLIPRPNExpertRouter": (320, 130), "CLIPRPNMaskEstimator": (320, 340), "CLIPRPNCrossAttentionDerain": (340, 500),
+    "CLIPRPNSynthesizeRain": (300, 110), "CLIPRPNFinetune": (340, 520), "MaskToImage": (240, 50),
     "UpscaleModelLoader": (340, 60), "ImageUpscaleWithModel": (280, 60), "GrowMask": (280, 90),
     "CheckpointLoaderSimple": (340, 100), "CLIPTextEncode": (360, 150), "VAEEncodeForInpaint": (280, 100),
     "KSampler": (320, 270), "VAEDecode": (220, 60),
 }
+
+
+THUMB_W, THUMB_H = 600, 400  # the screenshot thumbnails (3:2, the browser test's canvas clip scaled down)
+THUMB_TAG = "ComfyUI frontend screenshot"  # starts the JPEG comment of every thumbnail
 
 
 def ui_file(name: str) -> Path:
@@ -368,108 +374,15 @@ def strip_meta(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
-# -- thumbnails: before/after pictures from the shipped model ------------------------------------
-
-THUMB_W, THUMB_H = 480, 320
-
-
-def _results() -> dict:
-    """The shipped model run on the example inputs the workflows load (CPU, a few seconds)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    sys.path.insert(0, str(REPO))
-    from cliprpn_core import Derainer, default_model_path, load_model
-    from cliprpn_core.patterns import EXPERTS
-
-    def tensor(p):
-        return torch.from_numpy(np.array(Image.open(p).convert("RGB"))).float().div(255).permute(2, 0, 1)[None]
-
-    def image(t):
-        return Image.fromarray((t[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-    loaded = load_model(str(default_model_path()))
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    rainy, clean = tensor(EXAMPLE_INPUTS / "rainy.png"), tensor(EXAMPLE_INPUTS / "clean.png")
-    with torch.no_grad():
-        d = Derainer(model, None)
-        probs = d.perceive(rainy)
-        probs = probs[0] if isinstance(probs, tuple) else probs
-        weights = d.route(probs)
-        weights = weights[0] if isinstance(weights, tuple) else weights
-        derained = d.derain(rainy).images
-        mask = d.estimate_mask(rainy)
-        mask = getattr(mask, "mask", mask)
-    expert = EXPERTS[int(torch.as_tensor(weights)[0].argmax())]
-    # the fine-tune demo as the workflow runs it: synthetic rain on clean.png, 30 steps, derain
-    from cliprpn_core.finetune import finetune
-    synth, _m = _node_logic().synthesize_rain(clean, 0, FINETUNE_REGIME)
-    res = finetune(model, synth, clean, steps=30, lr=1e-4, schedule="mix", patch=64, batch_size=2, seed=0)
-    with torch.no_grad():
-        tuned = Derainer(res.model, None).derain(synth).images
-    m = torch.nn.functional.max_pool2d(torch.as_tensor(mask).float().reshape(1, 1, *rainy.shape[-2:]), 5, 1, 2)
-    overlay = rainy * (1 - 0.6 * m) + torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1) * 0.6 * m
-    return {"rainy": image(rainy), "derained": image(derained), "synth": image(synth), "tuned": image(tuned),
-            "overlay": image(overlay), "expert": expert}
-
-
-def _node_logic():
-    import importlib
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from packutil import PACK_NAME, import_pack
-    import_pack()
-    return importlib.import_module(f"{PACK_NAME}.nodes.node_logic")
-
-
-def _split(before, after, left: str, right: str, caption: str):
-    """Before (left half) / after (right half) of one scene, labelled, with a caption strip."""
-    from PIL import Image, ImageDraw, ImageFont
-    im = Image.new("RGB", (THUMB_W, THUMB_H), (24, 26, 32))
-    a, b = before.resize((THUMB_W, THUMB_H - 36)), after.resize((THUMB_W, THUMB_H - 36))
-    half = THUMB_W // 2
-    im.paste(a.crop((0, 0, half, a.height)), (0, 0))
-    im.paste(b.crop((half, 0, THUMB_W, b.height)), (half, 0))
-    d = ImageDraw.Draw(im)
-    d.line([(half, 0), (half, THUMB_H - 36)], fill=(255, 255, 255), width=3)
-    try:
-        font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=15)
-    except TypeError:  # Pillow < 10.1
-        font = small = ImageFont.load_default()
-    for text, x, anchor in ((left, half - 10, "ra"), (right, half + 10, "la")):
-        box = d.textbbox((x, 10), text, font=font, anchor=anchor)
-        d.rectangle([box[0] - 5, box[1] - 4, box[2] + 5, box[3] + 4], fill=(0, 0, 0))
-        d.text((x, 10), text, font=font, anchor=anchor, fill=(255, 255, 255))
-    d.text((10, THUMB_H - 27), caption, font=small, fill=(235, 235, 235))
-    return im
-
-
-def thumbnails() -> dict:
-    r = _results()
-    return {
-        "clip_rpn_basic_derain": _split(r["rainy"], r["derained"], "rainy", "derained", "CLIP-RPN Derain, one node"),
-        "clip_rpn_full_graph": _split(r["rainy"], r["derained"], "rainy", "derained",
-                                      f"perceive > route ({r['expert']}) > mask > restore"),
-        "clip_rpn_derain_upscale": _split(r["rainy"], r["derained"], "rainy", "derained, then 4x",
-                                          "derain first, then upscale with RealESRGAN"),
-        "clip_rpn_rain_mask_inpaint": _split(r["rainy"], r["overlay"], "rainy", "rain mask",
-                                             "the red pixels are repainted by SD inpainting"),
-        "clip_rpn_finetune_pairs": _split(r["synth"], r["tuned"], "synthetic rain", "after fine-tune",
-                                          "fine-tune on rain added to your clean photos"),
-    }
-
-
 def write_all(object_info: dict | None = None, out: Path = WORKFLOWS):
     if object_info is not None:
         OBJECT_INFO_SNAPSHOT.write_text(json.dumps(snapshot_of(object_info), indent=1, sort_keys=True) + "\n")
     info = load_snapshot()
     (out / "api").mkdir(parents=True, exist_ok=True)
-    thumbs = thumbnails()
     for name in GRAPHS:
         ui, api = build(name, info)
         (out / f"{TITLES[name]}.json").write_text(json.dumps(ui, indent=2) + "\n")
         (out / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
-        thumbs[name].save(out / f"{TITLES[name]}.jpg", quality=85)
 
 
 if __name__ == "__main__":
