@@ -4,7 +4,8 @@ INPUT is a folder, a glob or a list file (one path a line). With ``--server URL`
 every image is uploaded to a running ComfyUI, an API-format workflow (ours or the user's, its image
 input found and replaced) is queued, progress is followed over the websocket (``/history`` polling
 when no websocket), and the result is downloaded and written under the image's own name.
-Without ``--server`` the core model runs in this process.
+Without ``--server`` the core model runs in this process; with ``--backend ray`` it runs on a Ray cluster (Ray
+Data, one model per actor; see ``ray_backend.py``), planned, resumed and reported the same way.
 
 - servers share the work by queue depth (ours in flight + other clients' prompts);
 - a server that goes away has its in-flight images re-queued on the others (not counted as retries);
@@ -23,6 +24,7 @@ One file, one job:
 - ``client.py``    the ComfyUI client (HTTP + websocket, /history records)
 - ``backends.py``  Backend, LocalBackend (in-process), ComfyBackend (one server), pick_backend
 - ``scheduler.py`` BatchRunner (dispatch, retries, server loss, stop) and the report
+- ``ray_backend.py`` RayRunner and DerainActor (``--backend ray``; imports Ray only when a Ray run starts)
 - ``cli.py``       the argument parser, cmd_batch, main (``python -m cliprpn_core.batch``)
 
 The ComfyUI protocol goes through two well-kept client libraries, not code of our own:

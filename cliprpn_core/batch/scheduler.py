@@ -49,21 +49,7 @@ class BatchRunner:
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _prepare(self):
-        dirs = {j.dst.parent for j in self.jobs if j.dst is not None}
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            n = clean_partials(d)
-            if n:
-                self.log(f"removed {n} partial file(s) an interrupted run left in {d}")
-        for j in self.jobs:
-            if j.status != "pending":
-                continue
-            if not self.overwrite and j.dst.exists():
-                if output_complete(j.dst):
-                    j.status, j.error = "skipped", "output exists (use --overwrite to redo)"
-                    continue
-                self.log(f"{j.dst} is incomplete or unreadable: redoing it")
-            self.pending.append(j)
+        self.pending.extend(plan_pending(self.jobs, self.overwrite, self.log))
 
     def _finish(self, job: Job):
         if self.bar is not None:
@@ -275,14 +261,41 @@ class BatchRunner:
                 j.status, j.error = "interrupted", "stopped before it finished" if j.server else "stopped before it started"
 
     def summary(self) -> dict:
-        counts = {}
-        for j in self.jobs:
-            counts[j.status] = counts.get(j.status, 0) + 1
-        done = counts.get("done", 0)
-        return {"images": len(self.jobs), "counts": counts, "wall_seconds": round(self.wall, 3),
-                "images_per_minute": round(60.0 * done / self.wall, 2) if self.wall > 0 and done else 0.0,
-                "interrupted": self.interrupted,
-                "servers": {b.name: {"done": b.done, "alive": b.alive} for b in self.backends}}
+        return summarize(self.jobs, self.wall, self.interrupted,
+                         {b.name: {"done": b.done, "alive": b.alive} for b in self.backends})
+
+
+def plan_pending(jobs: list[Job], overwrite: bool, log) -> list[Job]:
+    """The jobs still to run, in order (every backend plans this way, so a rerun resumes the same on each):
+    output folders made and rid of the temp files a killed run left; a complete output is ``skipped``
+    unless ``overwrite``, an incomplete or unreadable one redone."""
+    for d in {j.dst.parent for j in jobs if j.dst is not None}:
+        d.mkdir(parents=True, exist_ok=True)
+        n = clean_partials(d)
+        if n:
+            log(f"removed {n} partial file(s) an interrupted run left in {d}")
+    pending = []
+    for j in jobs:
+        if j.status != "pending":
+            continue
+        if not overwrite and j.dst.exists():
+            if output_complete(j.dst):
+                j.status, j.error = "skipped", "output exists (use --overwrite to redo)"
+                continue
+            log(f"{j.dst} is incomplete or unreadable: redoing it")
+        pending.append(j)
+    return pending
+
+
+def summarize(jobs: list[Job], wall: float, interrupted: bool, servers: dict) -> dict:
+    """The report's summary: counts by status, throughput, and ``servers`` (name -> {done, alive})."""
+    counts = {}
+    for j in jobs:
+        counts[j.status] = counts.get(j.status, 0) + 1
+    done = counts.get("done", 0)
+    return {"images": len(jobs), "counts": counts, "wall_seconds": round(wall, 3),
+            "images_per_minute": round(60.0 * done / wall, 2) if wall > 0 and done else 0.0,
+            "interrupted": interrupted, "servers": servers}
 
 
 def _short_name(name: str) -> str:
