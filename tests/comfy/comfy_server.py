@@ -121,7 +121,7 @@ class ComfyServer:
         env.pop("HF_HUB_OFFLINE", None)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
-               "--extra-model-paths-config", str(cfg), "--database-url", "sqlite:///:memory:"]
+               "--extra-model-paths-config", str(cfg), "--database-url", "sqlite:///:memory:", "--enable-assets"]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -140,3 +140,42 @@ def test_workflow_runs_with_the_run_button(page, server, shots, name):
     png = shots / f"{name}.png"
     page.screenshot_canvas(png)
     _thumbnail(png, name, f"after a run ({seconds:.0f} s on CPU)", server)
+
+
+@pytest.fixture(scope="module")
+def vue_page(chromium, server):
+    """A page with the frontend's Vue node renderer on (nodes as DOM elements, widgets drawn from the
+    node schema)."""
+    pg = br.ComfyPage(server.url, chromium)
+    try:
+        pg.open()
+        pg.page.evaluate("async () => await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true)")
+        pg.page.wait_for_timeout(1000)
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_renders_in_the_vue_node_renderer(vue_page, shots, name):
+    """Every node is drawn as a Vue node with its title, the pack's nodes with every widget their
+    schema gives them (by name), and nothing is reported missing or failing."""
+    vue_page.console.clear()
+    state = vue_page.load_workflow(wg.ui_file(name))
+    assert state["missing"] == [] and _missing_node_dialogs(state) == []
+    vue_page.page.wait_for_function(f"() => document.querySelectorAll('[data-node-id]').length === "
+                                    f"{len(state['nodes'])}", timeout=br.READY_TIMEOUT_MS)
+    drawn = vue_page.page.evaluate("() => Object.fromEntries([...document.querySelectorAll('[data-node-id]')]"
+                                   ".map(e => [e.getAttribute('data-node-id'), e.innerText]))")
+    info = wg.load_snapshot()
+    for n in state["nodes"]:
+        text = drawn[str(n["id"])]
+        assert n["title"] in text, f"{n['title']} is not drawn"
+        if n["type"] in PACK_TYPES:
+            for wname, spec in wg._inputs(info[n["type"]]):
+                advanced = len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("advanced")
+                if wg.is_widget(spec) and not advanced:
+                    assert wname in text, f"{n['title']}: widget {wname} is not drawn"
+    assert vue_page.console.errors == [], vue_page.console.errors
+    vue_page.fit_view()
+    vue_page.screenshot_canvas(shots / f"{name}_vue.png")
