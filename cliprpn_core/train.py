@@ -35,6 +35,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # CLIPRPNConfig fields
     init: str = ""  # start from these model weights (safetensors) instead of random
     grow: bool = False  # init may have fewer blocks than `model`: the added blocks start as the identity
+    grown_lr_scale: float = 1.0  # with grow: the added blocks learn at lr times this (they start from zero gates)
     trainable: list = field(default_factory=list)  # parameter-name prefixes to train (empty: all)
     misroute_fraction: float = 0.0  # share of samples routed by the model's own router, not their label
     route_all_to: int = -1  # >= 0: every sample goes through this one expert (the unrouted control; no misrouting)
@@ -147,15 +148,17 @@ class TrainStep:
 
     def __init__(self, params, lr: float, lr_at: Callable[[int], float], grad_clip: float, clip_params=None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
-        params = list(params)
+        params = list(params)  # tensors, or parameter groups (dicts) that may carry an ``lr_scale``
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
         self.lr_at = lr_at
         self.grad_clip = grad_clip
-        self.clip_params = params if clip_params is None else list(clip_params)
+        own = [p for g in self.opt.param_groups for p in g["params"]]
+        self.clip_params = own if clip_params is None else list(clip_params)
 
     def set_lr(self, step: int) -> None:
+        """Every parameter group at ``lr_at(step)`` times its ``lr_scale`` (1 unless the group says)."""
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(step)
+            g["lr"] = self.lr_at(step) * g.get("lr_scale", 1.0)
 
     @property
     def lr(self) -> float:
@@ -203,13 +206,16 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.model_cfg = CLIPRPNConfig.from_dict(cfg.model)
         self.model = CLIPRPN(self.model_cfg).to(self.device)
+        grown: set[str] = set()  # tensors of the blocks grow added
+        if cfg.grown_lr_scale <= 0:
+            raise ValueError(f"grown_lr_scale must be > 0, got {cfg.grown_lr_scale}")
         if cfg.init:
             from .checkpoint import load_model
             init = load_model(cfg.init)
             if cfg.grow and not init.config.same_weights(self.model_cfg):
                 from .arch import grow_from
                 try:
-                    grow_from(self.model, init, probe_size=4 * self.model_cfg.pad_multiple)
+                    grown = set(grow_from(self.model, init, probe_size=4 * self.model_cfg.pad_multiple))
                 except ValueError as e:
                     raise CheckpointError(f"init checkpoint {cfg.init}: {e}") from e
             elif not init.config.same_weights(self.model_cfg):
@@ -242,7 +248,11 @@ class Trainer:
         self.losses = {k: LOSSES[k]().to(self.device) for k in self.schedule.names}
         self.mask_loss = MaskLoss().to(self.device)
         self.balance = LoadBalanceLoss()
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.schedule.parameters())
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in grown]
+        params += list(self.schedule.parameters())
+        new = [p for n, p in self.model.named_parameters() if p.requires_grad and n in grown]
+        if new:  # the added blocks in a group of their own, at grown_lr_scale times the learning rate
+            params = [{"params": params}, {"params": new, "lr_scale": cfg.grown_lr_scale}]
         # the loss schedule's own weights (uncertainty) are trained but not clipped
         self.optim = TrainStep(params, cfg.lr, lambda step: lr_at(step, self.cfg), cfg.grad_clip,
                                clip_params=self.model.parameters(), weight_decay=cfg.weight_decay, betas=(0.9, 0.99))

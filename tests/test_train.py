@@ -202,6 +202,28 @@ def test_grow_keeps_the_function_then_trains_only_what_is_asked(tmp_path, data_d
     assert rec["pattern_ce"] == 0.0 and np.isfinite(rec["total"])
 
 
+def test_grown_blocks_learn_at_their_own_rate_and_keep_it_on_resume(tmp_path, data_dirs):
+    src = _save_tiny(tmp_path / "small.safetensors")
+    kw = dict(steps=4, init=str(tmp_path / "small.safetensors"), grow=True, grown_lr_scale=10.0,
+              model={**TINY, "dec_blocks": [3]}, warmup_steps=0, lr=1e-3, min_lr=1e-3)
+    t = Trainer(_cfg(tmp_path, data_dirs, **kw), progress=False)
+    base, grown = t.opt.param_groups
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    added = {n for n, _ in t.model.named_parameters()} - set(src.state_dict())
+    assert added and {names[id(p)] for p in grown["params"]} == added
+    assert not {names.get(id(p)) for p in base["params"]} & added
+    t.cfg.steps = 2
+    t.fit()
+    assert grown["lr"] == pytest.approx(10 * base["lr"]) and base["lr"] == pytest.approx(1e-3)
+    t2 = Trainer(_cfg(tmp_path, data_dirs, **kw), progress=False)
+    t2.load_state()
+    assert t2.step == 2 and t2.opt.param_groups[1]["lr_scale"] == 10.0
+    t2.fit()
+    assert t2.opt.param_groups[1]["lr"] == pytest.approx(10 * t2.opt.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="grown_lr_scale"):
+        Trainer(_cfg(tmp_path, data_dirs, **{**kw, "grown_lr_scale": 0.0}), progress=False)
+
+
 def test_grow_refuses_what_is_not_growth(tmp_path, data_dirs):
     from cliprpn_core.checkpoint import CheckpointError
     _save_tiny(tmp_path / "small.safetensors")
