@@ -101,7 +101,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per in-process model / Ray worker")
     ap.add_argument("--modes", default="inprocess,ray1,ray2,comfy", help="any of inprocess, ray1, ray2, comfy")
     ap.add_argument("--comfy-url", action="append", default=[], metavar="URL",
-                    help="a running ComfyUI server with this pack (repeat for several); the comfy row needs one")
+                    help="a running ComfyUI server with this pack (repeat for several: a row for the first alone, "
+                         "then one for all); the comfy rows need one")
     ap.add_argument("--depth", type=int, default=2, help="our prompts in flight per ComfyUI server")
     ap.add_argument("--json", help="write the figures here too")
     a = ap.parse_args(argv)
@@ -118,8 +119,9 @@ def main(argv=None):
         for n in (1, 2):
             if f"ray{n}" in modes:
                 rows.append(ray(files, work / f"ray{n}", a.threads, n))
-        if "comfy" in modes and a.comfy_url:
-            rows.append(comfy(files, work / "comfy", a.comfy_url, a.depth, files[0]))
+        if "comfy" in modes and a.comfy_url:  # the first server alone, then all of them
+            for n in sorted({1, len(a.comfy_url)}):
+                rows.append(comfy(files, work / f"comfy{n}", a.comfy_url[:n], a.depth, files[0]))
         elif "comfy" in modes:
             print("(no --comfy-url: the ComfyUI row is left out)")
     finally:
