@@ -82,22 +82,18 @@ class Console:
 class ComfyPage:
     """One browser page on one ComfyUI server."""
 
-    def __init__(self, url: str, chromium: str):
-        from playwright.sync_api import sync_playwright
+    def __init__(self, url: str, chromium: str, playwright):
+        """``playwright``: a started ``sync_playwright()`` (one per thread: its sync API cannot be started twice)."""
         self.url = url
-        self._pw = sync_playwright().start()
         args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-        self.browser = self._pw.chromium.launch(executable_path=chromium, headless=True, args=args)
+        self.browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
         self.page = self.browser.new_page(viewport={"width": VIEW_W, "height": VIEW_H})
         self.console = Console(urlparse(url).netloc)
         self.page.on("console", self.console.on_console)
         self.page.on("pageerror", self.console.on_page_error)
 
     def close(self):
-        try:
-            self.browser.close()
-        finally:
-            self._pw.stop()
+        self.browser.close()
 
     def open(self):
         """Load the frontend and wait until the app and its canvas are up. The minimap is hidden so

@@ -42,8 +42,16 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def page(chromium, server):
-    pg = br.ComfyPage(server.url, chromium)
+def playwright(chromium):
+    from playwright.sync_api import sync_playwright
+    pw = sync_playwright().start()
+    yield pw
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, playwright, server):
+    pg = br.ComfyPage(server.url, chromium, playwright)
     try:
         pg.open()
         yield pg
@@ -143,10 +151,10 @@ def test_workflow_runs_with_the_run_button(page, server, shots, name):
 
 
 @pytest.fixture(scope="module")
-def vue_page(chromium, server):
+def vue_page(chromium, playwright, server):
     """A page with the frontend's Vue node renderer on (nodes as DOM elements, widgets drawn from the
     node schema)."""
-    pg = br.ComfyPage(server.url, chromium)
+    pg = br.ComfyPage(server.url, chromium, playwright)
     try:
         pg.open()
         pg.page.evaluate("async () => await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true)")
