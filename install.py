@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -61,10 +62,10 @@ def torchvision_matches(torch_version: str, tv_version: str) -> bool:
 def _enable_hint(torch_version: str) -> str:
     series = matching_torchvision(torch_version)
     tag = _local(torch_version)
-    index = f" --index-url https://download.pytorch.org/whl/{tag}" if tag else ""
-    tv = f'pip install "torchvision=={series}.*"{index}' if series else "install the torchvision built for your torch"
-    clip = " ".join(f'"{p}"' for p in CLIP_PACKAGES)
-    return f"To enable it, in ComfyUI's Python: {tv}, then pip install --no-deps {clip}"
+    index = ["--index-url", f"https://download.pytorch.org/whl/{tag}"] if tag else []
+    tv = (shlex.join([sys.executable, "-m", "pip", "install", f"torchvision=={series}.*", *index]) if series
+          else "install the torchvision built for your torch")
+    return f"To enable it: {tv}, then {shlex.join(pip_command(list(CLIP_PACKAGES)))}"
 
 
 def clip_plan(torch_version: str | None, tv_version: str | None, open_clip_version: str | None,
@@ -88,7 +89,7 @@ def clip_plan(torch_version: str | None, tv_version: str | None, open_clip_versi
                             f"{matching_torchvision(torch_version) or '?'}.x with the same build tag). " + off
                             + _enable_hint(torch_version), pkgs)
     return Plan("hint", f"{TAG} {' '.join(p.split('>')[0] for p in pkgs)} not installed. " + off
-                        + "To enable it (torch and torchvision are kept): " + " ".join(pip_command(pkgs)), pkgs)
+                        + "To enable it (torch and torchvision are kept): " + shlex.join(pip_command(pkgs)), pkgs)
 
 
 def installed(dist: str) -> str | None:
@@ -100,7 +101,7 @@ def installed(dist: str) -> str | None:
 
 def pip_command(packages: list[str]) -> list[str]:
     """The command a user runs to add the CLIP packages to this Python without touching torch."""
-    return [sys.executable, "-m", "pip", "install", "--no-deps", *(f'"{p}"' for p in packages)]
+    return [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
 
 
 def _comfy_models_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_matching_torchvision_gets_the_no_deps_command_for_the_clip_packages():
     cmd = install.pip_command(p.packages)
     assert cmd[:4] == [sys.executable, "-m", "pip", "install"] and "--no-deps" in cmd
     assert not any(re.match(r"\"?torch(vision|audio)?\b", a) for a in cmd)
-    assert " ".join(cmd) in p.message
+    assert shlex.join(cmd) in p.message
 
 
 def test_only_what_is_missing_is_named():
