@@ -69,12 +69,17 @@ class WorkerSettings:
 
 
 # -- the worker side --------------------------------------------------------------------------------------
+def status_row(index, status: str, error: str = "", worker: str = "") -> dict:
+    """A status row (ROW_FIELDS) with nothing measured yet."""
+    return {"index": int(index), "status": status, "error": error, "seconds": math.nan, "exec_seconds": math.nan,
+            "attempts": 0, "pattern": "", "routing": "", "perceived_by": "", "worker": worker}
+
+
 def run_one(backend, index: int, src: str, dst: str, retries: int = 2, worker: str = "") -> dict:
     """Derain one image with ``backend`` (a LocalBackend) and write it atomically; its status row. The image's
     own problems never raise: bad input -> ``error``, other failures retried ``retries`` times -> ``failed``."""
     job = Job(int(index), Path(src), Path(dst))
-    row = {"index": int(index), "status": "failed", "error": "", "seconds": math.nan, "exec_seconds": math.nan,
-           "attempts": 0, "pattern": "", "routing": "", "perceived_by": "", "worker": worker}
+    row = status_row(index, "failed", worker=worker)
     while True:
         try:
             out = backend.process(job)
@@ -136,16 +141,10 @@ class DerainActor:
         Path(self.busy).touch()
         try:
             if os.path.exists(self.stop):
-                return {**run_one_stopped(index), "worker": self.worker}
+                return status_row(index, "interrupted", "stopped before it started", self.worker)
             return run_one(self.backend, index, src, dst, self.settings.retries, self.worker)
         finally:
             Path(self.busy).unlink(missing_ok=True)
-
-
-def run_one_stopped(index) -> dict:
-    """The row of an image the driver stopped before an actor started it (Ctrl-C)."""
-    return {"index": int(index), "status": "interrupted", "error": "stopped before it started", "seconds": math.nan,
-            "exec_seconds": math.nan, "attempts": 0, "pattern": "", "routing": "", "perceived_by": "", "worker": ""}
 
 
 # -- the driver side ---------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def playwright_missing() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return "playwright is not installed (pip install playwright; it drives the system Chromium)"
+        return "playwright is not installed (pip install -e \".[browser]\"; it drives the system Chromium)"
     return None
 
 
