@@ -289,8 +289,10 @@ def test_backends_benchmark_table_and_a_missing_server(tmp_path, capsys):
     head, rule, row = out.strip().splitlines()[-3:]
     assert head.split()[:4] == ["backend", "images", "total", "s"] and set(rule) == {"-"}
     cells = row.split()
-    assert cells[:2] == ["in-process", "2"] and float(cells[2]) > 0 and float(cells[3]) == pytest.approx(
-        2 / float(cells[2]), rel=0.02)
+    total, rate = float(cells[2]), float(cells[3])
+    # total is printed to 0.01 s, so a short run's rate can only be checked against that rounding interval
+    assert cells[:2] == ["in-process", "2"] and total > 0
+    assert 2 / (total + 0.005) - 0.001 <= rate <= 2 / max(total - 0.005, 1e-9) + 0.001
     with pytest.raises(SystemExit, match="does not answer"):
         bb.main(["--data", str(tmp_path / "in"), "--limit", "1", "--modes", "comfy", "--comfy-url", "http://127.0.0.1:9"])
 
