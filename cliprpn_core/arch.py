@@ -370,9 +370,11 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
                 m.gamma.zero_()
     if probe_size:
         g = torch.Generator().manual_seed(0)
-        x = torch.rand(1, 3, probe_size, probe_size, generator=g)
-        r = torch.zeros(1, model.config.num_experts)
+        dev = next(model.parameters()).device  # the model may already be on a GPU; src is moved there for the probe
+        x = torch.rand(1, 3, probe_size, probe_size, generator=g).to(dev)
+        r = torch.zeros(1, model.config.num_experts, device=dev)
         r[0, 0] = 1.0
+        src.to(dev)
         model_mode, src_mode = model.training, src.training
         model.eval(), src.eval()
         with torch.no_grad():
