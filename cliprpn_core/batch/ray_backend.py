@@ -65,7 +65,8 @@ class WorkerSettings:
     check: bool = False
     retries: int = 2
     out_dirs: tuple = ()
-    control: str = ""  # path prefix of this run's control files: PREFIX.stop (from the driver), PREFIX.busy-* (actors)
+    control: str = ""  # path prefix of this run's control files: PREFIX.run and PREFIX.stop (from the driver),
+    # PREFIX.busy-NODE-PID (actors)
 
 
 # -- the worker side --------------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ class DerainActor:
                                     settings.tile, settings.clip, check=settings.check)
         self.worker = f"ray:{node[:8]}/{os.getpid()}"
         c = settings.control
-        self.stop, self.busy = (c + ".stop", f"{c}.busy-{node[:8]}-{os.getpid()}") if c else ("", "")
+        self.run, self.stop = c + ".run", c + ".stop"
+        self.busy = f"{c}.busy-{node[:8]}-{os.getpid()}" if c else ""
 
     def __call__(self, batch: dict) -> dict:
         rows = []
@@ -134,13 +136,15 @@ class DerainActor:
         return {k: [r[k] for r in rows] for k in ROW_FIELDS}
 
     def _one(self, index, src: str, dst: str) -> dict:
-        """Marked busy *before* looking for the stop flag, so a driver that raised the flag and then saw no busy
-        marker knows no image is being written (Ctrl-C then leaves no temp file behind)."""
-        if not self.stop:
+        """Marked busy *before* looking at the driver's flags, so a driver that raised the stop flag and then saw
+        no busy marker knows no image is being written (Ctrl-C then leaves no temp file behind). An image starts only
+        while the run flag is there: an actor that outlives its driver (Ray ends it a little later) starts nothing
+        once the driver has cleaned up."""
+        if not self.busy:
             return run_one(self.backend, index, src, dst, self.settings.retries, self.worker)
         Path(self.busy).touch()
         try:
-            if os.path.exists(self.stop):
+            if os.path.exists(self.stop) or not os.path.exists(self.run):
                 return status_row(index, "interrupted", "stopped before it started", self.worker)
             return run_one(self.backend, index, src, dst, self.settings.retries, self.worker)
         finally:
@@ -302,6 +306,7 @@ class RayRunner:
             control = clean_control_files(pending[0].dst.parent) / f"{CONTROL_PREFIX}{uuid.uuid4().hex[:12]}"
             settings = replace(settings, control=str(control.absolute()),
                                out_dirs=tuple(sorted({str(j.dst.parent.absolute()) for j in pending})))
+            Path(str(control) + ".run").touch()
             self.meta = {"ray_address": self.address or "local", "ray_workers": self.workers,
                          "device": settings.device, "threads_per_worker": settings.threads}
             ds = self._dataset(ray, pending, settings, need)
@@ -323,6 +328,9 @@ class RayRunner:
             if started:
                 ray.shutdown()
             if control is not None:
+                # actors start no image from now on; one that outlived a stop finishes the image it writes first
+                Path(str(control) + ".run").unlink(missing_ok=True)
+                wait_not_busy(control, timeout=10.0)
                 clean_control_files(control.parent)
             for d in {j.dst.parent for j in pending}:  # a worker killed mid-write (then retried) left its temp file
                 clean_partials(d)
@@ -412,12 +420,26 @@ def clean_control_files(folder: Path) -> Path:
 
 
 def wait_not_busy(control: Path, timeout: float) -> bool:
-    """Wait until no actor of the run marks itself busy (writing an image); False on timeout."""
+    """Wait until no actor of the run marks itself busy (writing an image); False on timeout. A marker whose
+    process is gone from this machine (an actor killed mid-image) does not count."""
     deadline = time.monotonic() + timeout
-    while list(control.parent.glob(control.name + ".busy-*")):
+    while [p for p in control.parent.glob(control.name + ".busy-*") if _may_be_alive(p)]:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    return True
+
+
+def _may_be_alive(marker: Path) -> bool:
+    """False when the busy marker's process (its name ends in -PID) no longer exists on this machine; True when it
+    does or cannot be told (another node's process: the same number may be alive here)."""
+    try:
+        pid = int(marker.name.rsplit("-", 1)[1])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, IndexError, PermissionError, OSError):
+        return True
     return True
 
 
