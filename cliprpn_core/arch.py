@@ -207,17 +207,41 @@ class MaskGuidedCrossAttention(nn.Module):
         return x + self.proj(out) * mask.to(x.dtype) * self.gate
 
 
+def _upsamplers(W) -> nn.ModuleList:
+    return nn.ModuleList([nn.Sequential(nn.Conv2d(W[i + 1], W[i] * 4, 1), nn.PixelShuffle(2)) for i in range(len(W) - 1)])
+
+
+def _decoders(cfg: CLIPRPNConfig) -> nn.ModuleList:
+    W = cfg.widths
+    return nn.ModuleList([_blocks(W[i], cfg.dec_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
+
+
 class Expert(nn.Module):
-    """One specialised sub-network: bottleneck blocks plus refinement blocks one level up."""
+    """One specialised sub-network: bottleneck blocks plus refinement blocks one level up; with
+    ``config.expert_decoder`` also its own decoder path to full resolution (upsamplers, decoder blocks,
+    output conv), so that it returns a residual image instead of features for the shared decoder."""
 
     def __init__(self, cfg: CLIPRPNConfig):
         super().__init__()
         c = cfg.widths[-1]
         self.body = _blocks(c, cfg.expert_blocks, cfg.ffn_expand)
         self.refine = _blocks(cfg.widths[-2], cfg.expert_dec_blocks, cfg.ffn_expand)
+        if cfg.expert_decoder:
+            self.ups = _upsamplers(cfg.widths)
+            self.decoders = _decoders(cfg)
+            self.outro = nn.Conv2d(cfg.widths[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, bottom, up, skip):
+        """Shared-decoder scope: features one level above the bottleneck (``up`` is the shared upsampler)."""
         return self.refine(up(self.body(bottom)) + skip)
+
+    def decode(self, bottom, feats):
+        """Own-decoder scope: the residual image from the bottleneck and the encoder's skip features."""
+        n = len(self.decoders)
+        h = self.decoders[n - 1](self(bottom, self.ups[-1], feats[-2]))  # via __call__: its hooks see each run
+        for i in range(n - 2, -1, -1):
+            h = self.decoders[i](self.ups[i](h) + feats[i])
+        return self.outro(h)
 
 
 @dataclass
@@ -247,11 +271,12 @@ class CLIPRPN(nn.Module):
         self.middle = _blocks(W[-1], cfg.middle_blocks, cfg.ffn_expand)
         self.mask_estimator = MaskEstimator(W)
         self.mgca = MaskGuidedCrossAttention(W[-1], cfg.attn_heads, cfg.attn_cell, cfg.attn_window)
-        self.ups = nn.ModuleList([nn.Sequential(nn.Conv2d(W[i + 1], W[i] * 4, 1), nn.PixelShuffle(2))
-                                  for i in range(len(W) - 1)])
-        self.decoders = nn.ModuleList([_blocks(W[i], cfg.dec_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
+        if not cfg.expert_decoder:  # the shared decoder path (with expert_decoder every expert has its own)
+            self.ups = _upsamplers(W)
+            self.decoders = _decoders(cfg)
         self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.num_experts)])
-        self.outro = nn.Conv2d(W[0], cfg.in_channels, 3, padding=1)
+        if not cfg.expert_decoder:
+            self.outro = nn.Conv2d(W[0], cfg.in_channels, 3, padding=1)
 
     # -- pieces usable on their own -------------------------------------------------------
     def perceive(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,6 +297,13 @@ class CLIPRPN(nn.Module):
     def estimate_mask(self, x):
         """Fused rain-mask logits at the (padded) input resolution."""
         return self.mask_estimator(self.encode(x))[0]
+
+    def run_expert(self, e: int, bottom, feats):
+        """Expert ``e`` on the (cross-attended) bottleneck and the encoder features: features one level above the
+        bottleneck for the shared decoder, or with ``config.expert_decoder`` its residual image."""
+        if self.config.expert_decoder:
+            return self.experts[e].decode(bottom, feats)
+        return self.experts[e](bottom, self.ups[-1], feats[-2])
 
     def restore(self, x, routing, mask=None, passes=None):
         """Restore with given expert weights [B,E]. ``mask`` (0..1, [B,1,H,W]) overrides the
@@ -301,18 +333,20 @@ class CLIPRPN(nn.Module):
         else:
             m = F.adaptive_avg_pool2d(mask.float(), bottom.shape[-2:])
         bottom = self.mgca(bottom, m)
-        skip = feats[-2]
-        h = torch.zeros_like(skip)
+        own = self.config.expert_decoder
+        h = torch.zeros_like(x if own else feats[-2])
         routing = routing.to(x.device)
-        for e, expert in enumerate(self.experts):
+        for e in range(len(self.experts)):
             idx = (routing[:, e] > 0).nonzero().flatten()
             if idx.numel() == 0:
                 continue  # not routed to: never executed
             if idx.numel() == x.shape[0]:
-                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * expert(bottom, self.ups[-1], skip)
+                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * self.run_expert(e, bottom, feats)
             else:
-                y = expert(bottom[idx], self.ups[-1], skip[idx])
+                y = self.run_expert(e, bottom[idx], [f[idx] for f in feats])
                 h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
+        if own:  # the routed experts' residual images, weighted
+            return x + h, mask_logits, pyramid
         n = len(self.decoders)
         h = self.decoders[n - 1](h)
         for i in range(n - 2, -1, -1):
@@ -347,16 +381,21 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     Every tensor of ``src`` must exist in ``model`` with the same shape; the tensors ``model`` has
     beyond it must belong to extra NAFNet blocks, which start as the identity (their residual
     scales ``beta``/``gamma`` are zero), so the grown model computes exactly what ``src`` computed
-    and training only adds capacity. Returns the names of the new tensors. ``probe_size`` > 0 checks
-    that identity on a random probe image of that side."""
+    and training only adds capacity. ``model`` may also give every expert its own decoder path where ``src``
+    shares one (``expert_decoder`` off -> on): each expert then starts with a copy of the shared upsamplers,
+    decoder blocks and output conv, again computing what ``src`` computed. Returns the names of the new tensors
+    (the added blocks'). ``probe_size`` > 0 checks that identity on a random probe image of that side, for
+    every expert."""
     own, sd = model.state_dict(), src.state_dict()
+    if model.config.expert_decoder and not src.config.expert_decoder:
+        sd = shared_decoder_to_experts(sd, model.config.num_experts)
     extra_src = sorted(set(sd) - set(own))
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if extra_src or wrong:
         raise ValueError("cannot grow: the new config is not a superset of the old one "
                          f"(tensors only in the old model: {extra_src[:3]}; different shapes: {wrong[:3]}). "
                          "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
-                         "expert_dec_blocks) may grow")
+                         "expert_dec_blocks) may grow, and expert_decoder may be turned on")
     new = sorted(set(own) - set(sd))
     blocks = {name for name, m in model.named_modules() if isinstance(m, Block)}
     for k in new:
@@ -372,14 +411,29 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
         g = torch.Generator().manual_seed(0)
         dev = next(model.parameters()).device  # the model may already be on a GPU; src is moved there for the probe
         x = torch.rand(1, 3, probe_size, probe_size, generator=g).to(dev)
-        r = torch.zeros(1, model.config.num_experts, device=dev)
-        r[0, 0] = 1.0
         src.to(dev)
         model_mode, src_mode = model.training, src.training
         model.eval(), src.eval()
+        d = 0.0
         with torch.no_grad():
-            d = (model(x, routing=r, passes=1).image - src(x, routing=r, passes=1).image).abs().max().item()
+            for e in range(model.config.num_experts):
+                r = torch.zeros(1, model.config.num_experts, device=dev)
+                r[0, e] = 1.0
+                d = max(d, (model(x, routing=r, passes=1).image - src(x, routing=r, passes=1).image).abs().max().item())
         model.train(model_mode), src.train(src_mode)
         if d > 1e-5:
             raise RuntimeError(f"grown model differs from its source by {d:.2e} on a probe image")
     return new
+
+
+def shared_decoder_to_experts(state: dict, num_experts: int) -> dict:
+    """A state dict with a shared decoder path (``ups``, ``decoders``, ``outro``) as one where each of the
+    ``num_experts`` experts owns a copy of it (``config.expert_decoder``)."""
+    out = {}
+    for k, v in state.items():
+        if k.split(".", 1)[0] in ("ups", "decoders", "outro"):
+            for e in range(num_experts):
+                out[f"experts.{e}.{k}"] = v.clone()
+        else:
+            out[k] = v
+    return out

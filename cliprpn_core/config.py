@@ -36,6 +36,10 @@ class CLIPRPNConfig:
     head_width: int = 32  # CLIP-free pattern head
     head_size: int = 256  # pattern head sees the image resized to this square
     passes: int = 1  # restoration passes: each pass restores the previous pass's output (shared weights)
+    # True: every expert owns the decoder path to full resolution (its upsamplers, decoder blocks and output conv), so
+    # a rain type's training moves only its own expert there; the encoder, masks and cross-attention stay shared.
+    # False: experts are the bottleneck blocks plus one refinement level, the decoder is shared.
+    expert_decoder: bool = False
 
     def __post_init__(self):
         n = len(self.widths)

@@ -146,3 +146,60 @@ def test_route_pattern_is_the_one_routing_step(tiny_model):
     with torch.no_grad():
         want, want_logits = route_pattern(router, pattern_probs(tiny_model.perceive(x)), top_k=2)
     assert torch.equal(out.routing, want) and torch.equal(out.router_logits, want_logits)
+
+
+def _own_decoder_model(src):
+    from dataclasses import replace
+
+    from cliprpn_core.arch import grow_from
+    m = CLIPRPN(replace(src.config, expert_decoder=True))
+    assert grow_from(m, src, probe_size=16) == []  # a copy of the shared path in every expert: no new block
+    return m.eval()
+
+
+def test_expert_decoder_starts_as_the_shared_decoder_then_each_expert_owns_its_own(tiny_model):
+    src = tiny_model.eval()
+    m = _own_decoder_model(src)
+    names = {n.split(".")[0] for n, _ in m.named_parameters()}
+    assert not names & {"ups", "decoders", "outro"} and hasattr(m.experts[0], "outro")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        for e in range(4):  # top-1 routing: the same image through each expert
+            r = torch.zeros(2, 4)
+            r[:, e] = 1.0
+            torch.testing.assert_close(m(x, routing=r).image, src(x, routing=r).image, atol=1e-5, rtol=0)
+        one = torch.tensor([[1.0, 0, 0, 0]] * 2)
+        two = torch.tensor([[0, 1.0, 0, 0]] * 2)
+        before = m(x, routing=two).image
+        m.experts[0].outro.weight.add_(0.5)  # expert 0's own output conv: expert 1 must not see it
+        torch.testing.assert_close(m(x, routing=two).image, before)
+        assert (m(x, routing=one).image - src(x, routing=one).image).abs().max() > 1e-2
+
+
+def test_expert_decoder_routing_batches_and_skips_like_the_shared_scope(tiny_model):
+    m = _own_decoder_model(tiny_model.eval())
+    calls = [0] * 4
+    for i, e in enumerate(m.experts):
+        e.register_forward_hook(lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
+    x = torch.rand(3, 3, 16, 16)
+    routing = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0]])
+    with torch.no_grad():
+        both = m.restore(x, routing)[0]
+        assert calls == [2, 0, 1, 0]
+        torch.testing.assert_close(both[1:2], m.restore(x[1:2], routing[1:2])[0], atol=1e-5, rtol=1e-5)
+        mixed = m.restore(x[:1], torch.tensor([[0.25, 0.75, 0, 0]]))[0]  # soft routing: the experts' images, weighted
+        a, b = (m.restore(x[:1], torch.eye(4)[i:i + 1])[0] for i in (0, 1))
+        torch.testing.assert_close(mixed, 0.25 * a + 0.75 * b, atol=1e-5, rtol=1e-5)
+        feats = m.encode(x[:1])
+        assert m.run_expert(2, feats[-1], feats).shape == (1, 3, 16, 16)
+
+
+def test_expert_decoder_checkpoint_round_trip(tmp_path, tiny_model):
+    from cliprpn_core import load_model, save_model
+    m = _own_decoder_model(tiny_model.eval())
+    save_model(m, tmp_path / "own.safetensors")
+    back = load_model(tmp_path / "own.safetensors")
+    assert back.config.expert_decoder is True and back.config == m.config
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).image, m(x).image)
