@@ -91,10 +91,15 @@ def main():
     with torch.no_grad():
         res["flops_per_pixel_restore_top1"] = round(flops_of(lambda: model.restore(xs, one)) / s / s)
         res["flops_per_pixel_pattern_head_at_1MP"] = round(flops_of(lambda: model.perceive(xs)) / 1e6)
-        feats = model.encode(xs)
         per = []
-        for e in range(cfg.num_experts):
-            per.append(round(flops_of(lambda e=e: model.run_expert(e, feats[-1], feats)) / s / s))
+        if cfg.expert_scope == "network":  # each expert is a whole network
+            for e in model.experts:
+                per.append(round(flops_of(lambda e=e: e._restore_once(xs, torch.ones(1, 1))) / s / s))
+        else:
+            feats = model.encode(xs)
+            b = feats[-1]
+            for e in model.experts:
+                per.append(round(flops_of(lambda e=e: e(b, model.ups[-1], feats[-2])) / s / s))
         res["flops_per_pixel_per_expert"] = per
     if not a.skip_memory:
         gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264, 512)

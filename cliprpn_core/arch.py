@@ -8,7 +8,7 @@ matches untiled inference once the tile overlap covers the receptive field.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -207,41 +207,17 @@ class MaskGuidedCrossAttention(nn.Module):
         return x + self.proj(out) * mask.to(x.dtype) * self.gate
 
 
-def _upsamplers(W) -> nn.ModuleList:
-    return nn.ModuleList([nn.Sequential(nn.Conv2d(W[i + 1], W[i] * 4, 1), nn.PixelShuffle(2)) for i in range(len(W) - 1)])
-
-
-def _decoders(cfg: CLIPRPNConfig) -> nn.ModuleList:
-    W = cfg.widths
-    return nn.ModuleList([_blocks(W[i], cfg.dec_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
-
-
 class Expert(nn.Module):
-    """One specialised sub-network: bottleneck blocks plus refinement blocks one level up; with
-    ``config.expert_decoder`` also its own decoder path to full resolution (upsamplers, decoder blocks,
-    output conv), so that it returns a residual image instead of features for the shared decoder."""
+    """One specialised sub-network of the shared network: bottleneck blocks plus refinement blocks one level up."""
 
     def __init__(self, cfg: CLIPRPNConfig):
         super().__init__()
         c = cfg.widths[-1]
         self.body = _blocks(c, cfg.expert_blocks, cfg.ffn_expand)
         self.refine = _blocks(cfg.widths[-2], cfg.expert_dec_blocks, cfg.ffn_expand)
-        if cfg.expert_decoder:
-            self.ups = _upsamplers(cfg.widths)
-            self.decoders = _decoders(cfg)
-            self.outro = nn.Conv2d(cfg.widths[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, bottom, up, skip):
-        """Shared-decoder scope: features one level above the bottleneck (``up`` is the shared upsampler)."""
         return self.refine(up(self.body(bottom)) + skip)
-
-    def decode(self, bottom, feats):
-        """Own-decoder scope: the residual image from the bottleneck and the encoder's skip features."""
-        n = len(self.decoders)
-        h = self.decoders[n - 1](self(bottom, self.ups[-1], feats[-2]))  # via __call__: its hooks see each run
-        for i in range(n - 2, -1, -1):
-            h = self.decoders[i](self.ups[i](h) + feats[i])
-        return self.outro(h)
 
 
 @dataclass
@@ -255,33 +231,38 @@ class CLIPRPNOutput:
     pass_images: list = field(default_factory=list)  # outputs of the passes before the last one
 
 
-class CLIPRPN(nn.Module):
-    """The whole model. ``forward`` = pattern head -> router -> encoder -> masks -> MGCA ->
-    routed experts -> decoder. Routing/perception can be supplied from outside (CLIP, a node)."""
+def _map(fn, out):
+    return type(out)(_map(fn, o) for o in out) if isinstance(out, (tuple, list)) else fn(out)
 
-    def __init__(self, config: CLIPRPNConfig | None = None):
+
+def _zip_map(fn, acc, out):
+    if isinstance(out, (tuple, list)):
+        return type(out)(_zip_map(fn, a, o) for a, o in zip(acc, out))
+    return fn(acc, out)
+
+
+class Restorer(nn.Module):
+    """The restoration network: encoder -> multi-scale masks -> MGCA -> routed experts -> decoder.
+    The whole CLIP-RPN model is one (expert_scope "bottleneck"), or holds one per expert ("network")."""
+
+    def __init__(self, config: CLIPRPNConfig):
         super().__init__()
-        cfg = self.config = config or CLIPRPNConfig()
+        self.config = config
+        self._build_restorer(config)
+
+    def _build_restorer(self, cfg: CLIPRPNConfig):
         W = cfg.widths
-        self.pattern_head = PatternHead(cfg.head_width, cfg.head_size)
-        self.router = ExpertRouter(cfg.num_experts)
         self.intro = nn.Conv2d(cfg.in_channels, W[0], 3, padding=1)
         self.encoders = nn.ModuleList([_blocks(W[i], cfg.enc_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
         self.downs = nn.ModuleList([nn.Conv2d(W[i], W[i + 1], 2, stride=2) for i in range(len(W) - 1)])
         self.middle = _blocks(W[-1], cfg.middle_blocks, cfg.ffn_expand)
         self.mask_estimator = MaskEstimator(W)
         self.mgca = MaskGuidedCrossAttention(W[-1], cfg.attn_heads, cfg.attn_cell, cfg.attn_window)
-        if not cfg.expert_decoder:  # the shared decoder path (with expert_decoder every expert has its own)
-            self.ups = _upsamplers(W)
-            self.decoders = _decoders(cfg)
+        self.ups = nn.ModuleList([nn.Sequential(nn.Conv2d(W[i + 1], W[i] * 4, 1), nn.PixelShuffle(2))
+                                  for i in range(len(W) - 1)])
+        self.decoders = nn.ModuleList([_blocks(W[i], cfg.dec_blocks[i], cfg.ffn_expand) for i in range(len(W) - 1)])
         self.experts = nn.ModuleList([Expert(cfg) for _ in range(cfg.num_experts)])
-        if not cfg.expert_decoder:
-            self.outro = nn.Conv2d(W[0], cfg.in_channels, 3, padding=1)
-
-    # -- pieces usable on their own -------------------------------------------------------
-    def perceive(self, x: torch.Tensor) -> torch.Tensor:
-        """Pattern-head logits [B, PATTERN_DIM] (CLIP-free perception)."""
-        return self.pattern_head(x)
+        self.outro = nn.Conv2d(W[0], cfg.in_channels, 3, padding=1)
 
     def encode(self, x):
         feats = []
@@ -294,16 +275,101 @@ class CLIPRPN(nn.Module):
         feats.append(h)
         return feats
 
-    def estimate_mask(self, x):
-        """Fused rain-mask logits at the (padded) input resolution."""
-        return self.mask_estimator(self.encode(x))[0]
+    def _masks(self, x, routing=None):
+        """-> (fused mask logits, per-level logits) from the encoder (``routing`` is for the network scope)."""
+        return self.mask_estimator(self.encode(x))
 
-    def run_expert(self, e: int, bottom, feats):
-        """Expert ``e`` on the (cross-attended) bottleneck and the encoder features: features one level above the
-        bottleneck for the shared decoder, or with ``config.expert_decoder`` its residual image."""
-        if self.config.expert_decoder:
-            return self.experts[e].decode(bottom, feats)
-        return self.experts[e](bottom, self.ups[-1], feats[-2])
+    def _restore_once(self, x, routing, mask=None):
+        feats = self.encode(x)
+        mask_logits, pyramid = self.mask_estimator(feats)
+        bottom = feats[-1]
+        if mask is None:
+            m = torch.sigmoid(pyramid[-1].float())
+        else:
+            m = F.adaptive_avg_pool2d(mask.float(), bottom.shape[-2:])
+        bottom = self.mgca(bottom, m)
+        skip = feats[-2]
+        h = torch.zeros_like(skip)
+        routing = routing.to(x.device)
+        for e, expert in enumerate(self.experts):
+            idx = (routing[:, e] > 0).nonzero().flatten()
+            if idx.numel() == 0:
+                continue  # not routed to: never executed
+            if idx.numel() == x.shape[0]:
+                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * expert(bottom, self.ups[-1], skip)
+            else:
+                y = expert(bottom[idx], self.ups[-1], skip[idx])
+                h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
+        n = len(self.decoders)
+        h = self.decoders[n - 1](h)
+        for i in range(n - 2, -1, -1):
+            h = self.decoders[i](self.ups[i](h) + feats[i])
+        return x + self.outro(h), mask_logits, pyramid
+
+
+class CLIPRPN(Restorer):
+    """The whole model. ``forward`` = pattern head -> router -> encoder -> masks -> MGCA ->
+    routed experts -> decoder. Routing/perception can be supplied from outside (CLIP, a node).
+    With ``config.expert_scope == "network"`` each expert is a whole :class:`Restorer` of its own
+    (``self.experts[e]``), run only on the images routed to it."""
+
+    def __init__(self, config: CLIPRPNConfig | None = None):
+        nn.Module.__init__(self)
+        cfg = self.config = config or CLIPRPNConfig()
+        self.pattern_head = PatternHead(cfg.head_width, cfg.head_size)
+        self.router = ExpertRouter(cfg.num_experts)
+        if cfg.expert_scope == "network":
+            one = replace(cfg, num_experts=1, expert_scope="bottleneck")
+            self.experts = nn.ModuleList([Restorer(one) for _ in range(cfg.num_experts)])
+        else:
+            self._build_restorer(cfg)
+
+    @property
+    def network_experts(self) -> bool:
+        return self.config.expert_scope == "network"
+
+    # -- pieces usable on their own -------------------------------------------------------
+    def perceive(self, x: torch.Tensor) -> torch.Tensor:
+        """Pattern-head logits [B, PATTERN_DIM] (CLIP-free perception)."""
+        return self.pattern_head(x)
+
+    def estimate_mask(self, x, routing=None):
+        """Fused rain-mask logits at the (padded) input resolution. Network-scope experts each have their own
+        mask estimator: the masks of the experts ``routing`` (default: the model's own top-1 routing) picks."""
+        return self._masks(x, routing)[0]
+
+    def _masks(self, x, routing=None):
+        if not self.network_experts:
+            return super()._masks(x)
+        if routing is None:
+            routing = self.router(pattern_probs(self.perceive(x)))
+        return self._per_expert(x, routing, lambda r, xs, idx: r._masks(xs))
+
+    def _restore_once(self, x, routing, mask=None):
+        if not self.network_experts:
+            return super()._restore_once(x, routing, mask)
+        one = torch.ones(1, 1, device=x.device)
+
+        def run(r, xs, idx):
+            return r._restore_once(xs, one.expand(xs.shape[0], 1), None if mask is None else mask[idx])
+        return self._per_expert(x, routing, run)
+
+    def _per_expert(self, x, routing, run):
+        """Network scope: ``run(restorer, images, their indices)`` on the images routed to each expert (the others
+        never run), its tensors (or lists of tensors) weighted by the routing and summed per image."""
+        routing = routing.to(x.device)
+        total = None
+        for e, restorer in enumerate(self.experts):
+            idx = (routing[:, e] > 0).nonzero().flatten()
+            if idx.numel() == 0:
+                continue  # not routed to: never executed
+            whole = idx.numel() == x.shape[0]
+            out = run(restorer, x if whole else x[idx], idx)
+            w = routing[idx, e].view(-1, 1, 1, 1)
+            if total is None:
+                total = _map(lambda t: t.new_zeros((x.shape[0], *t.shape[1:])), out)
+            total = _zip_map(lambda acc, t: acc.index_add(0, idx, w.to(t.dtype) * t), total, out)
+        return total
 
     def restore(self, x, routing, mask=None, passes=None):
         """Restore with given expert weights [B,E]. ``mask`` (0..1, [B,1,H,W]) overrides the
@@ -323,35 +389,6 @@ class CLIPRPN(nn.Module):
             y = self._restore_once(y.clamp(0, 1), routing, mask)[0]
             images.append(y)
         return images, mask_logits, pyramid
-
-    def _restore_once(self, x, routing, mask=None):
-        feats = self.encode(x)
-        mask_logits, pyramid = self.mask_estimator(feats)
-        bottom = feats[-1]
-        if mask is None:
-            m = torch.sigmoid(pyramid[-1].float())
-        else:
-            m = F.adaptive_avg_pool2d(mask.float(), bottom.shape[-2:])
-        bottom = self.mgca(bottom, m)
-        own = self.config.expert_decoder
-        h = torch.zeros_like(x if own else feats[-2])
-        routing = routing.to(x.device)
-        for e in range(len(self.experts)):
-            idx = (routing[:, e] > 0).nonzero().flatten()
-            if idx.numel() == 0:
-                continue  # not routed to: never executed
-            if idx.numel() == x.shape[0]:
-                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * self.run_expert(e, bottom, feats)
-            else:
-                y = self.run_expert(e, bottom[idx], [f[idx] for f in feats])
-                h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
-        if own:  # the routed experts' residual images, weighted
-            return x + h, mask_logits, pyramid
-        n = len(self.decoders)
-        h = self.decoders[n - 1](h)
-        for i in range(n - 2, -1, -1):
-            h = self.decoders[i](self.ups[i](h) + feats[i])
-        return x + self.outro(h), mask_logits, pyramid
 
     def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
                 mask=None, with_pattern=False, passes=None, own_routing=None) -> CLIPRPNOutput:
@@ -381,21 +418,21 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     Every tensor of ``src`` must exist in ``model`` with the same shape; the tensors ``model`` has
     beyond it must belong to extra NAFNet blocks, which start as the identity (their residual
     scales ``beta``/``gamma`` are zero), so the grown model computes exactly what ``src`` computed
-    and training only adds capacity. ``model`` may also give every expert its own decoder path where ``src``
-    shares one (``expert_decoder`` off -> on): each expert then starts with a copy of the shared upsamplers,
-    decoder blocks and output conv, again computing what ``src`` computed. Returns the names of the new tensors
-    (the added blocks'). ``probe_size`` > 0 checks that identity on a random probe image of that side, for
-    every expert."""
+    and training only adds capacity. ``model`` may also make every expert a whole network where ``src``
+    shares one (expert_scope "bottleneck" -> "network"): expert e's network then starts as a copy of ``src``'s
+    network with its expert e, again computing what ``src`` computed under top-1 routing. Returns the names of
+    the new tensors (the added blocks'). ``probe_size`` > 0 checks that identity on a random probe image of that
+    side, for every expert."""
     own, sd = model.state_dict(), src.state_dict()
-    if model.config.expert_decoder and not src.config.expert_decoder:
-        sd = shared_decoder_to_experts(sd, model.config.num_experts)
+    if model.config.expert_scope == "network" and src.config.expert_scope == "bottleneck":
+        sd = shared_to_network_experts(sd, model.config.num_experts)
     extra_src = sorted(set(sd) - set(own))
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if extra_src or wrong:
         raise ValueError("cannot grow: the new config is not a superset of the old one "
                          f"(tensors only in the old model: {extra_src[:3]}; different shapes: {wrong[:3]}). "
                          "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
-                         "expert_dec_blocks) may grow, and expert_decoder may be turned on")
+                         "expert_dec_blocks) may grow, and expert_scope may go from bottleneck to network")
     new = sorted(set(own) - set(sd))
     blocks = {name for name, m in model.named_modules() if isinstance(m, Block)}
     for k in new:
@@ -426,14 +463,39 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     return new
 
 
-def shared_decoder_to_experts(state: dict, num_experts: int) -> dict:
-    """A state dict with a shared decoder path (``ups``, ``decoders``, ``outro``) as one where each of the
-    ``num_experts`` experts owns a copy of it (``config.expert_decoder``)."""
+def shared_to_network_experts(state: dict, num_experts: int) -> dict:
+    """A bottleneck-scope state dict as a network-scope one: expert e's network gets a copy of every shared
+    tensor and, as its one expert, expert e's tensors; perception (pattern head, router) stays as it is."""
     out = {}
     for k, v in state.items():
-        if k.split(".", 1)[0] in ("ups", "decoders", "outro"):
+        top = k.split(".", 1)[0]
+        if top in ("pattern_head", "router"):
+            out[k] = v
+        elif top == "experts":
+            _, e, rest = k.split(".", 2)
+            out[f"experts.{e}.experts.0.{rest}"] = v
+        else:
             for e in range(num_experts):
                 out[f"experts.{e}.{k}"] = v.clone()
-        else:
-            out[k] = v
     return out
+
+
+def network_experts_from(sources: list, perception: CLIPRPN | None = None) -> CLIPRPN:
+    """A network-scope model whose expert e is ``sources[e]``'s network with its expert e (each source a
+    bottleneck-scope model of one config, e.g. a light-rain specialist for expert 0 and the general model for
+    the others); perception (pattern head, router) from ``perception`` (default ``sources[0]``)."""
+    perception = perception or sources[0]
+    cfg = perception.config
+    if len(sources) != cfg.num_experts:
+        raise ValueError(f"need one source per expert ({cfg.num_experts}), got {len(sources)}")
+    for i, s in enumerate(sources):
+        if s.config.expert_scope != "bottleneck" or not s.config.same_weights(cfg):
+            raise ValueError(f"source {i} is not a shared-network model of the same config as the perception model")
+    model = CLIPRPN(replace(cfg, expert_scope="network"))
+    state = {k: v for k, v in perception.state_dict().items() if k.split(".", 1)[0] in ("pattern_head", "router")}
+    for e, s in enumerate(sources):
+        for k, v in shared_to_network_experts(s.state_dict(), cfg.num_experts).items():
+            if k.startswith(f"experts.{e}."):
+                state[k] = v
+    model.load_state_dict(state)
+    return model

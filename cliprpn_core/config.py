@@ -9,6 +9,7 @@ from .patterns import EXPERTS
 FORMAT_NAME = "clip-rpn"
 FORMAT_VERSION = 1
 MAX_PASSES = 8
+EXPERT_SCOPES = ("bottleneck", "network")
 
 
 def check_passes(passes) -> int:
@@ -36,10 +37,11 @@ class CLIPRPNConfig:
     head_width: int = 32  # CLIP-free pattern head
     head_size: int = 256  # pattern head sees the image resized to this square
     passes: int = 1  # restoration passes: each pass restores the previous pass's output (shared weights)
-    # True: every expert owns the decoder path to full resolution (its upsamplers, decoder blocks and output conv), so
-    # a rain type's training moves only its own expert there; the encoder, masks and cross-attention stay shared.
-    # False: experts are the bottleneck blocks plus one refinement level, the decoder is shared.
-    expert_decoder: bool = False
+    # "bottleneck": experts are bottleneck blocks plus one refinement level; the encoder, masks, cross-attention and
+    # decoder are shared by all rain types. "network": every expert is a whole restoration network of its own (encoder,
+    # masks, cross-attention, decoder: the shape above with one expert), so training one rain type moves nothing that
+    # another uses; compute per image is the same under top-1 routing, parameters are num_experts times.
+    expert_scope: str = "bottleneck"
 
     def __post_init__(self):
         n = len(self.widths)
@@ -58,6 +60,8 @@ class CLIPRPNConfig:
         if self.attn_window % 2 != 1:
             raise ValueError("attn_window must be odd")
         check_passes(self.passes)
+        if self.expert_scope not in EXPERT_SCOPES:
+            raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
         """True when the two configs describe the same tensors (they may differ in ``passes``)."""

@@ -148,58 +148,100 @@ def test_route_pattern_is_the_one_routing_step(tiny_model):
     assert torch.equal(out.routing, want) and torch.equal(out.router_logits, want_logits)
 
 
-def _own_decoder_model(src):
+
+def _network_model(src):
     from dataclasses import replace
 
     from cliprpn_core.arch import grow_from
-    m = CLIPRPN(replace(src.config, expert_decoder=True))
-    assert grow_from(m, src, probe_size=16) == []  # a copy of the shared path in every expert: no new block
+    m = CLIPRPN(replace(src.config, expert_scope="network"))
+    assert grow_from(m, src, probe_size=16) == []  # copies of the shared network, one per expert: no new block
     return m.eval()
 
 
-def test_expert_decoder_starts_as_the_shared_decoder_then_each_expert_owns_its_own(tiny_model):
+def test_network_experts_start_as_the_shared_network_then_each_owns_its_own(tiny_model):
     src = tiny_model.eval()
-    m = _own_decoder_model(src)
-    names = {n.split(".")[0] for n, _ in m.named_parameters()}
-    assert not names & {"ups", "decoders", "outro"} and hasattr(m.experts[0], "outro")
+    m = _network_model(src)
+    assert {n.split(".")[0] for n, _ in m.named_parameters()} == {"pattern_head", "router", "experts"}
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         for e in range(4):  # top-1 routing: the same image through each expert
             r = torch.zeros(2, 4)
             r[:, e] = 1.0
             torch.testing.assert_close(m(x, routing=r).image, src(x, routing=r).image, atol=1e-5, rtol=0)
-        one = torch.tensor([[1.0, 0, 0, 0]] * 2)
-        two = torch.tensor([[0, 1.0, 0, 0]] * 2)
+        torch.testing.assert_close(m(x).image, src(x).image, atol=1e-5, rtol=0)  # its own perception and routing
+        torch.testing.assert_close(m.estimate_mask(x), src.estimate_mask(x), atol=1e-5, rtol=0)
+        one, two = torch.eye(4)[:1].repeat(2, 1), torch.eye(4)[1:2].repeat(2, 1)
         before = m(x, routing=two).image
-        m.experts[0].outro.weight.add_(0.5)  # expert 0's own output conv: expert 1 must not see it
+        m.experts[0].intro.weight.add_(0.5)  # expert 0's own encoder: expert 1 must not see it
         torch.testing.assert_close(m(x, routing=two).image, before)
         assert (m(x, routing=one).image - src(x, routing=one).image).abs().max() > 1e-2
+        assert (m.estimate_mask(x, routing=one) - src.estimate_mask(x)).abs().max() > 1e-3
 
 
-def test_expert_decoder_routing_batches_and_skips_like_the_shared_scope(tiny_model):
-    m = _own_decoder_model(tiny_model.eval())
+def test_network_experts_route_batch_and_skip_like_the_shared_scope(tiny_model):
+    m = _network_model(tiny_model.eval())
     calls = [0] * 4
     for i, e in enumerate(m.experts):
-        e.register_forward_hook(lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
+        e.intro.register_forward_hook(lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
     x = torch.rand(3, 3, 16, 16)
     routing = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0]])
     with torch.no_grad():
-        both = m.restore(x, routing)[0]
-        assert calls == [2, 0, 1, 0]
+        both, ml, pyr = m.restore(x, routing)
+        assert calls == [2, 0, 1, 0]  # expert 0's network saw two images, expert 2's one, the others none
+        assert ml.shape == (3, 1, 16, 16) and [p.shape[-1] for p in pyr] == [16, 8]
         torch.testing.assert_close(both[1:2], m.restore(x[1:2], routing[1:2])[0], atol=1e-5, rtol=1e-5)
-        mixed = m.restore(x[:1], torch.tensor([[0.25, 0.75, 0, 0]]))[0]  # soft routing: the experts' images, weighted
+        mixed = m.restore(x[:1], torch.tensor([[0.25, 0.75, 0, 0]]))[0]  # soft routing: the images, weighted
         a, b = (m.restore(x[:1], torch.eye(4)[i:i + 1])[0] for i in (0, 1))
         torch.testing.assert_close(mixed, 0.25 * a + 0.75 * b, atol=1e-5, rtol=1e-5)
-        feats = m.encode(x[:1])
-        assert m.run_expert(2, feats[-1], feats).shape == (1, 3, 16, 16)
+        assert m.restore(x[:1], torch.eye(4)[2:3], passes=2)[0].shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="expert_scope"):
+        CLIPRPNConfig(expert_scope="decoder")
 
 
-def test_expert_decoder_checkpoint_round_trip(tmp_path, tiny_model):
+def test_network_experts_checkpoint_round_trip(tmp_path, tiny_model):
     from cliprpn_core import load_model, save_model
-    m = _own_decoder_model(tiny_model.eval())
-    save_model(m, tmp_path / "own.safetensors")
-    back = load_model(tmp_path / "own.safetensors")
-    assert back.config.expert_decoder is True and back.config == m.config
+    m = _network_model(tiny_model.eval())
+    save_model(m, tmp_path / "net.safetensors")
+    back = load_model(tmp_path / "net.safetensors")
+    assert back.config.expert_scope == "network" and back.config == m.config
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(back(x).image, m(x).image)
+
+
+def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
+    import copy
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cliprpn_core import load_model, save_model
+    from cliprpn_core.arch import network_experts_from
+    base = tiny_model.eval()
+    special = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in special.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m = network_experts_from([special, base, base, base], perception=base).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        for e, src in enumerate([special, base, base, base]):
+            r = torch.eye(4)[e:e + 1]
+            torch.testing.assert_close(m(x, routing=r).image, src(x, routing=r).image, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.perceive(x), base.perceive(x))
+    with pytest.raises(ValueError, match="one source per expert"):
+        network_experts_from([base, base])
+    save_model(base, tmp_path / "base.safetensors")
+    save_model(special, tmp_path / "light.safetensors")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_experts.py"
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "base.safetensors"), "--expert",
+                          f"light_streaks={tmp_path / 'light.safetensors'}", "-o", str(tmp_path / "net.safetensors")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "light_streaks <- " in out.stdout
+    back = load_model(tmp_path / "net.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, routing=torch.eye(4)[:1]).image, m(x, routing=torch.eye(4)[:1]).image)
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "base.safetensors"), "--expert",
+                          "snow=x", "-o", str(tmp_path / "n2.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown expert 'snow'" in bad.stderr

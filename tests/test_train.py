@@ -224,11 +224,11 @@ def test_grown_blocks_learn_at_their_own_rate_and_keep_it_on_resume(tmp_path, da
         Trainer(_cfg(tmp_path, data_dirs, **{**kw, "grown_lr_scale": 0.0}), progress=False)
 
 
-def test_expert_decoder_training_moves_only_the_routed_expert(tmp_path, data_dirs):
-    """Own decoders: training on one rain type (the heavy pairs, expert 1) changes no other expert's weights."""
+def test_network_experts_training_moves_only_the_routed_expert(tmp_path, data_dirs):
+    """Network-scope experts: training on one rain type (the heavy pairs, expert 1) changes nothing another uses."""
     src = _save_tiny(tmp_path / "small.safetensors")
     cfg = _cfg(tmp_path, data_dirs, steps=2, init=str(tmp_path / "small.safetensors"), grow=True,
-               model={**TINY, "expert_decoder": True}, trainable=["experts"], pair_fraction=1.0,
+               model={**TINY, "expert_scope": "network"}, trainable=["experts"], pair_fraction=1.0,
                misroute_fraction=0.0)
     t = Trainer(cfg, progress=False)
     x = torch.rand(1, 3, 32, 32)
@@ -241,9 +241,9 @@ def test_expert_decoder_training_moves_only_the_routed_expert(tmp_path, data_dir
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     t.fit()
     changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("experts.1.outro.") for n in changed)
+    assert any(n.startswith("experts.1.intro.") for n in changed) and any(".experts.0." in n for n in changed)
     assert changed and all(n.startswith("experts.1.") for n in changed), sorted(changed)[:5]
-    assert load_model(tmp_path / "run" / "model.safetensors").config.expert_decoder is True
+    assert load_model(tmp_path / "run" / "model.safetensors").config.expert_scope == "network"
 
 
 def test_grow_refuses_what_is_not_growth(tmp_path, data_dirs):

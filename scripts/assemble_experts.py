@@ -1,0 +1,54 @@
+"""Build a model whose experts are whole networks (expert_scope "network") from shared-network checkpoints:
+expert e's network comes from the checkpoint given for it (its shared layers and its expert e), every other expert's
+from --base, perception (pattern head, router) from --base.
+
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
+      --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cliprpn_core.arch import network_experts_from  # noqa: E402
+from cliprpn_core.checkpoint import load_model, save_model  # noqa: E402
+from cliprpn_core.patterns import EXPERTS  # noqa: E402
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="shared-network checkpoint: perception and the other experts")
+    ap.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
+                    help=f"expert name ({', '.join(EXPERTS)}) or index = the checkpoint its network comes from")
+    ap.add_argument("-o", "--out", required=True)
+    a = ap.parse_args(argv)
+    base = load_model(a.base)
+    paths = [a.base] * base.config.num_experts
+    for spec in a.expert:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            ap.error(f"--expert wants NAME=CKPT, got {spec!r}")
+        e = int(name) if name.isdigit() else (EXPERTS.index(name) if name in EXPERTS else -1)
+        if not 0 <= e < base.config.num_experts:
+            ap.error(f"unknown expert {name!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
+        paths[e] = path
+    cache = {}
+    sources = [cache.setdefault(p, load_model(p) if p != a.base else base) for p in paths]
+    model = network_experts_from(sources, perception=base)
+    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{Path(p).name} sha256:{sha256(p)[:16]}"
+                                                            for e, p in enumerate(paths)}})
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; " + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
