@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{Path(p).name} sha256:{sha256(p)[:16]}"
                                                             for e, p in enumerate(paths)}})
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; " + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths)))
+    print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; "
+          + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths)))
     return 0
 
 
