@@ -137,3 +137,19 @@ def test_train_step_sets_lr_clips_and_refuses_non_finite_losses():
     a, b = torch.nn.Parameter(torch.tensor([10.0])), torch.nn.Parameter(torch.tensor([10.0]))
     TrainStep([a, b], 0.1, lambda s: 0.1, grad_clip=1.0, clip_params=[a])((a * 10 + b * 10).sum(), str)
     assert math.isclose(float(a.grad), 1.0, rel_tol=1e-5) and float(b.grad) == 10.0
+
+
+def test_finetune_of_network_experts_trains_only_the_routed_networks(tiny_model):
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPN
+    from cliprpn_core.arch import grow_from
+    net = CLIPRPN(replace(tiny_model.config, expert_scope="network"))
+    grow_from(net, tiny_model)
+    rainy, clean = _pairs(n=2, size=24)
+    with torch.no_grad():
+        routed = {str(int(e)) for e in net(rainy).routing.argmax(-1)}
+    res = finetune(net, rainy, clean, steps=3, lr=3e-3, schedule="charbonnier", patch=16, batch_size=2, seed=0)
+    before, after = net.state_dict(), res.model.state_dict()
+    changed = {k.split(".")[1] for k in before if k.startswith("experts.") and not torch.equal(before[k], after[k])}
+    assert changed == routed and len(routed) < 4  # only the networks of the experts the pairs are routed to
