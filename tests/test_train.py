@@ -180,21 +180,26 @@ def _save_tiny(path, **over):
     return m
 
 
+def _same_start_then_fit(t, src, routings) -> set[str]:
+    """The trainer's model computes what ``src`` computes (one image per routing row), then trains: -> the names of
+    the parameters that changed."""
+    x = torch.rand(len(routings), 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t.model.eval()(x, routing=routings).image, src.eval()(x, routing=routings).image,
+                                   atol=1e-5, rtol=0)
+    t.model.train()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.fit()
+    return {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+
+
 def test_grow_keeps_the_function_then_trains_only_what_is_asked(tmp_path, data_dirs):
     src = _save_tiny(tmp_path / "small.safetensors")
     cfg = _cfg(tmp_path, data_dirs, steps=3, init=str(tmp_path / "small.safetensors"), grow=True,
                model={**TINY, "dec_blocks": [3], "enc_blocks": [2]}, trainable=["decoders", "outro"],
                misroute_fraction=0.5)
     t = Trainer(cfg, progress=False)
-    x = torch.rand(2, 3, 32, 32)
-    r = torch.eye(TINY.get("num_experts", 4))[:2]
-    with torch.no_grad():
-        torch.testing.assert_close(t.model.eval()(x, routing=r).image, src.eval()(x, routing=r).image,
-                                   atol=1e-5, rtol=0)
-    t.model.train()
-    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    t.fit()
-    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    changed = _same_start_then_fit(t, src, torch.eye(4)[:2])
     assert changed and all(n.startswith(("decoders.", "outro.")) for n in changed)
     assert any(n.startswith("decoders.0.2.") for n in changed)  # an added block learned
     assert not t.train_perception
@@ -231,16 +236,7 @@ def test_network_experts_training_moves_only_the_routed_expert(tmp_path, data_di
                model={**TINY, "expert_scope": "network"}, trainable=["experts"], pair_fraction=1.0,
                misroute_fraction=0.0)
     t = Trainer(cfg, progress=False)
-    x = torch.rand(1, 3, 32, 32)
-    with torch.no_grad():  # the grown model starts as its source, expert by expert
-        for e in range(4):
-            r = torch.eye(4)[e:e + 1]
-            torch.testing.assert_close(t.model.eval()(x, routing=r).image, src.eval()(x, routing=r).image,
-                                       atol=1e-5, rtol=0)
-    t.model.train()
-    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    t.fit()
-    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    changed = _same_start_then_fit(t, src, torch.eye(4))  # the grown model starts as its source, expert by expert
     assert any(n.startswith("experts.1.intro.") for n in changed) and any(".experts.0." in n for n in changed)
     assert changed and all(n.startswith("experts.1.") for n in changed), sorted(changed)[:5]
     assert load_model(tmp_path / "run" / "model.safetensors").config.expert_scope == "network"
