@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     cache = {}
     sources = [cache.setdefault(p, load_model(p) if p != a.base else base) for p in paths]
     model = network_experts_from(sources, perception=base)
-    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{Path(p).name} sha256:{sha256(p)[:16]}"
+    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{p} sha256:{sha256(p)[:16]}"
                                                             for e, p in enumerate(paths)}})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; "
