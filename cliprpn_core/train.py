@@ -32,7 +32,7 @@ from .patterns import NUM_CLASSES
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    model: dict = field(default_factory=dict)  # CLIPRPNConfig fields
+    model: dict = field(default_factory=dict)  # CLIPRPNConfig fields (empty with init: init's own config)
     init: str = ""  # start from these model weights (safetensors) instead of random
     grow: bool = False  # init may have fewer blocks than `model`: the added blocks start as the identity
     grown_lr_scale: float = 1.0  # with grow: the added blocks learn at lr times this (they start from zero gates)
@@ -204,7 +204,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.model_cfg = CLIPRPNConfig.from_dict(cfg.model)
+        if cfg.init and not cfg.model:  # continue a model as it is (its experts' scope, passes, block counts)
+            from .checkpoint import read_config
+            self.model_cfg = read_config(cfg.init)
+        else:
+            self.model_cfg = CLIPRPNConfig.from_dict(cfg.model)
         self.model = CLIPRPN(self.model_cfg).to(self.device)
         grown: set[str] = set()  # tensors of the blocks grow added
         if cfg.grown_lr_scale <= 0:

@@ -242,6 +242,19 @@ def test_network_experts_training_moves_only_the_routed_expert(tmp_path, data_di
     assert load_model(tmp_path / "run" / "model.safetensors").config.expert_scope == "network"
 
 
+def test_init_without_model_config_continues_the_model_as_it_is(tmp_path, data_dirs):
+    """No ``model`` with ``init``: the run takes init's own config (here whole-network experts, two passes)."""
+    from cliprpn_core.checkpoint import save_model
+    src = _save_tiny(tmp_path / "small.safetensors")
+    grown = Trainer(_cfg(tmp_path, data_dirs, steps=1, init=str(tmp_path / "small.safetensors"), grow=True,
+                         model={**TINY, "expert_scope": "network", "passes": 2}), progress=False).model
+    save_model(grown, tmp_path / "net.safetensors")
+    t = Trainer(_cfg(tmp_path / "b", data_dirs, steps=1, init=str(tmp_path / "net.safetensors"), model={},
+                     trainable=["experts"]), progress=False)
+    assert t.model.config == grown.config and t.model.config.expert_scope == "network" and t.model.config.passes == 2
+    assert src.config.expert_scope == "bottleneck"
+
+
 def test_grow_refuses_what_is_not_growth(tmp_path, data_dirs):
     from cliprpn_core.checkpoint import CheckpointError
     _save_tiny(tmp_path / "small.safetensors")
