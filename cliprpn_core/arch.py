@@ -425,7 +425,7 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     side, for every expert."""
     own, sd = model.state_dict(), src.state_dict()
     if model.config.expert_scope == "network" and src.config.expert_scope == "bottleneck":
-        sd = shared_to_network_experts(sd, model.config.num_experts)
+        sd = shared_to_network_experts(sd, range(model.config.num_experts))
     extra_src = sorted(set(sd) - set(own))
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if extra_src or wrong:
@@ -463,9 +463,11 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     return new
 
 
-def shared_to_network_experts(state: dict, num_experts: int) -> dict:
-    """A bottleneck-scope state dict as a network-scope one: expert e's network gets a copy of every shared
-    tensor and, as its one expert, expert e's tensors; perception (pattern head, router) stays as it is."""
+def shared_to_network_experts(state: dict, experts) -> dict:
+    """A bottleneck-scope state dict as a network-scope one, for the expert indices in ``experts``: expert e's
+    network gets a copy of every shared tensor and, as its one expert, expert e's tensors; perception (pattern
+    head, router) stays as it is."""
+    wanted = {str(e) for e in experts}
     out = {}
     for k, v in state.items():
         top = k.split(".", 1)[0]
@@ -473,9 +475,10 @@ def shared_to_network_experts(state: dict, num_experts: int) -> dict:
             out[k] = v
         elif top == "experts":
             _, e, rest = k.split(".", 2)
-            out[f"experts.{e}.experts.0.{rest}"] = v
+            if e in wanted:
+                out[f"experts.{e}.experts.0.{rest}"] = v
         else:
-            for e in range(num_experts):
+            for e in sorted(wanted, key=int):
                 out[f"experts.{e}.{k}"] = v.clone()
     return out
 
@@ -492,10 +495,9 @@ def network_experts_from(sources: list, perception: CLIPRPN | None = None) -> CL
         if s.config.expert_scope != "bottleneck" or not s.config.same_weights(cfg):
             raise ValueError(f"source {i} is not a shared-network model of the same config as the perception model")
     model = CLIPRPN(replace(cfg, expert_scope="network"))
-    state = {k: v for k, v in perception.state_dict().items() if k.split(".", 1)[0] in ("pattern_head", "router")}
+    state = {}
     for e, s in enumerate(sources):
-        for k, v in shared_to_network_experts(s.state_dict(), cfg.num_experts).items():
-            if k.startswith(f"experts.{e}."):
-                state[k] = v
+        state.update(shared_to_network_experts(s.state_dict(), [e]))
+    state.update({k: v for k, v in perception.state_dict().items() if k.split(".", 1)[0] in ("pattern_head", "router")})
     model.load_state_dict(state)
     return model

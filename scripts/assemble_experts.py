@@ -40,10 +40,10 @@ def main(argv=None) -> int:
         if not 0 <= e < base.config.num_experts:
             ap.error(f"unknown expert {name!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
         paths[e] = path
-    cache = {}
-    sources = [cache.setdefault(p, load_model(p) if p != a.base else base) for p in paths]
-    model = network_experts_from(sources, perception=base)
-    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{p} sha256:{sha256(p)[:16]}"
+    loaded = {p: load_model(p) for p in set(paths) - {a.base}} | {a.base: base}  # each file read once
+    digest = {p: sha256(p)[:16] for p in loaded}
+    model = network_experts_from([loaded[p] for p in paths], perception=base)
+    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{p} sha256:{digest[p]}"
                                                             for e, p in enumerate(paths)}})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; "
