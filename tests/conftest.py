@@ -32,6 +32,18 @@ def tiny_model():
 
 
 @pytest.fixture
+def tiny_network_model(tiny_model):
+    """``tiny_model`` with every expert a whole network of its own (grown from it: the same outputs at start)."""
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPN
+    from cliprpn_core.arch import grow_from
+    m = CLIPRPN(replace(tiny_model.config, expert_scope="network"))
+    assert grow_from(m, tiny_model, probe_size=16) == []  # copies of the shared network, one per expert: no new block
+    return m.eval()
+
+
+@pytest.fixture
 def tiny_ckpt(tmp_path, tiny_model):
     from cliprpn_core import save_model
     p = tmp_path / "tiny.safetensors"

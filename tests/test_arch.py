@@ -149,18 +149,8 @@ def test_route_pattern_is_the_one_routing_step(tiny_model):
 
 
 
-def _network_model(src):
-    from dataclasses import replace
-
-    from cliprpn_core.arch import grow_from
-    m = CLIPRPN(replace(src.config, expert_scope="network"))
-    assert grow_from(m, src, probe_size=16) == []  # copies of the shared network, one per expert: no new block
-    return m.eval()
-
-
-def test_network_experts_start_as_the_shared_network_then_each_owns_its_own(tiny_model):
-    src = tiny_model.eval()
-    m = _network_model(src)
+def test_network_experts_start_as_the_shared_network_then_each_owns_its_own(tiny_model, tiny_network_model):
+    src, m = tiny_model, tiny_network_model
     assert {n.split(".")[0] for n, _ in m.named_parameters()} == {"pattern_head", "router", "experts"}
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
@@ -178,8 +168,8 @@ def test_network_experts_start_as_the_shared_network_then_each_owns_its_own(tiny
         assert (m.estimate_mask(x, routing=one) - src.estimate_mask(x)).abs().max() > 1e-3
 
 
-def test_network_experts_route_batch_and_skip_like_the_shared_scope(tiny_model):
-    m = _network_model(tiny_model.eval())
+def test_network_experts_route_batch_and_skip_like_the_shared_scope(tiny_network_model):
+    m = tiny_network_model
     calls = [0] * 4
     for i, e in enumerate(m.experts):
         e.intro.register_forward_hook(lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
@@ -198,9 +188,9 @@ def test_network_experts_route_batch_and_skip_like_the_shared_scope(tiny_model):
         CLIPRPNConfig(expert_scope="decoder")
 
 
-def test_network_experts_checkpoint_round_trip(tmp_path, tiny_model):
+def test_network_experts_checkpoint_round_trip(tmp_path, tiny_network_model):
     from cliprpn_core import load_model, save_model
-    m = _network_model(tiny_model.eval())
+    m = tiny_network_model
     save_model(m, tmp_path / "net.safetensors")
     back = load_model(tmp_path / "net.safetensors")
     assert back.config.expert_scope == "network" and back.config == m.config

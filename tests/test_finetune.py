@@ -139,13 +139,8 @@ def test_train_step_sets_lr_clips_and_refuses_non_finite_losses():
     assert math.isclose(float(a.grad), 1.0, rel_tol=1e-5) and float(b.grad) == 10.0
 
 
-def test_finetune_of_network_experts_trains_only_the_routed_networks(tiny_model):
-    from dataclasses import replace
-
-    from cliprpn_core import CLIPRPN
-    from cliprpn_core.arch import grow_from
-    net = CLIPRPN(replace(tiny_model.config, expert_scope="network"))
-    grow_from(net, tiny_model)
+def test_finetune_of_network_experts_trains_only_the_routed_networks(tiny_network_model):
+    net = tiny_network_model
     rainy, clean = _pairs(n=2, size=24)
     with torch.no_grad():
         routed = {str(int(e)) for e in net(rainy).routing.argmax(-1)}
