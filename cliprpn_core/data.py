@@ -156,9 +156,11 @@ class NoRainSource:
 class PairedSource:
     """Real rain/gt pairs. Labels: expert and form from the folder/name hints (heavy vs light),
     orientation from the rain layer's structure tensor; a mask from the rain layer. A folder with
-    ``layer/`` instead of ``rain/`` (the compact pack of scripts/pack_gpu_data.py) gives rainy = clean + layer."""
+    ``layer/`` instead of ``rain/`` (the compact pack of scripts/pack_gpu_data.py) gives rainy = clean + layer.
+    ``light_share`` (None: every pair equally likely) makes light pairs that share of the draws, heavy the rest,
+    however many of each there are (with only one kind present, that kind is drawn)."""
 
-    def __init__(self, roots, min_side=96):
+    def __init__(self, roots, min_side=96, light_share=None):
         pairs = []
         for r in [roots] if isinstance(roots, (str, Path)) else roots:
             packed = (Path(r) / "layer").is_dir() and not (Path(r) / "rain").is_dir()
@@ -178,9 +180,22 @@ class PairedSource:
             self.heavy.append(any(h in name for h in HEAVY_HINTS) and "rain200l" not in name)
         if not self.rain:
             raise FileNotFoundError(f"no pairs of at least {min_side}px under {roots}")
+        self.draw_weights = None
+        if light_share is not None:
+            if not 0.0 <= float(light_share) <= 1.0:
+                raise ValueError(f"light_share must be in [0, 1] (the share of pair draws that are light rain), "
+                                 f"got {light_share}")
+            heavy = torch.tensor(self.heavy, dtype=torch.bool)
+            n_heavy = float(heavy.sum())
+            n_light = len(self.heavy) - n_heavy
+            share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
+            self.draw_weights = torch.where(heavy, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
 
     def batch(self, n, size, gen, device) -> RainSample:
-        picks = torch.randint(len(self.rain), (n,), generator=gen).tolist()
+        if self.draw_weights is None:  # (uniform over pairs: older configs keep their exact data stream)
+            picks = torch.randint(len(self.rain), (n,), generator=gen).tolist()
+        else:
+            picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         rainy, clean = random_crops(self.rain, n, size, gen, device, partners=self.gt, indices=picks)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         layer = (rainy - clean).mean(1, keepdim=True)

@@ -42,6 +42,7 @@ class TrainConfig:
     clean_dirs: list = field(default_factory=list)  # synthetic rain over these
     pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
+    pair_light_share: float = -1.0  # share of the pair draws that are light-rain pairs (< 0: every pair alike)
     layer_dirs: list = field(default_factory=list)  # real rain layers of these pairs over clean_dirs
     layer_fraction: float = 0.0  # share of each batch from layer_dirs
     layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
@@ -285,7 +286,8 @@ class Trainer:
                                         regime_probs=tuple(self.cfg.regime_probs), style=self.cfg.synth_style))
             w.append(1.0 - (self.cfg.pair_fraction if self.cfg.pair_dirs else 0.0))
         if self.cfg.pair_dirs:
-            srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size))
+            srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size,
+                                     light_share=None if self.cfg.pair_light_share < 0 else self.cfg.pair_light_share))
             w.append(self.cfg.pair_fraction if self.cfg.clean_dirs else 1.0)
         if self.cfg.layer_dirs and self.cfg.layer_fraction > 0:
             from .data import RainLayerSource

@@ -322,6 +322,33 @@ def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
         RainLayerSource([mixed], [clean], min_side=32, light_share=1.5)
 
 
+def test_pair_light_share_sets_light_vs_heavy_pair_draws(tmp_path, data_dirs):
+    from cliprpn_core.data import PairedSource
+    _, pairs = data_dirs
+    mixed = tmp_path / "mixed"
+    for sub in ("rain", "gt"):
+        (mixed / sub).mkdir(parents=True)
+        for f in (pairs / sub).iterdir():  # heavy_0, heavy_1 and one light pair
+            (mixed / sub / f.name).write_bytes(f.read_bytes())
+        (mixed / sub / "light_0.png").write_bytes((pairs / sub / "heavy_0.png").read_bytes())
+    gen = torch.Generator().manual_seed(0)
+    uniform = PairedSource([mixed], min_side=32)
+    light = (uniform.batch(600, 32, gen, "cpu").expert == 0).float().mean().item()
+    assert 0.27 < light < 0.40  # one pair of three
+    for share, want in ((1.0, 0), (0.0, 1)):
+        assert (PairedSource([mixed], min_side=32, light_share=share).batch(16, 32, gen, "cpu").expert == want).all()
+    src = PairedSource([mixed], min_side=32, light_share=0.75)
+    light = (src.batch(600, 32, gen, "cpu").expert == 0).float().mean().item()
+    assert 0.69 < light < 0.81
+    only_heavy = PairedSource([pairs], min_side=32, light_share=1.0)
+    assert (only_heavy.batch(8, 32, gen, "cpu").expert == 1).all()
+    with pytest.raises(ValueError, match="light_share must be in"):
+        PairedSource([mixed], min_side=32, light_share=-0.1)
+    t = Trainer(_cfg(tmp_path, (data_dirs[0], mixed), pair_fraction=1.0, pair_light_share=0.0), progress=False)
+    paired = t.source.sources[-1] if hasattr(t.source, "sources") else t.source
+    assert (paired.batch(16, 32, gen, "cpu").expert == 1).all()
+
+
 def test_layer_mix_adds_a_second_layer_of_the_same_kind(tmp_path, data_dirs):
     from cliprpn_core.data import RainLayerSource
     clean, pairs = data_dirs
