@@ -3,7 +3,7 @@ PNG, Y-PSNR / SSIM read back from the files), grouped by each image's labelled e
 streaks, raindrops, veil).
 
   python -m benchmarks.synthetic_regimes CKPT [CKPT...] [--set DIR | --clean DIR -n 160 --size 256 --seed 1234]
-                                          [--check] [--threads 1] [--json out.json]
+                                          [--check | --expert NAME] [--threads 1] [--json out.json]
 
 Without --set the set is written first (as ``cliprpn synth CLEAN -o DIR -n N --size S --seed K`` writes it:
 the same seed gives the same images) into a temporary folder. The synthetic set is our own rain over
@@ -49,8 +49,10 @@ def by_regime(images: list[dict], labels: dict, chosen: dict | None = None) -> d
     return out
 
 
-def evaluate(derainer: Derainer, set_dir: Path, labels: dict, check: bool = False) -> dict:
-    ev, chosen, _ = derain_set(derainer, set_dir, DerainOptions(check=check))
+def evaluate(derainer: Derainer, set_dir: Path, labels: dict, check: bool = False, expert: int | None = None) -> dict:
+    """Per-regime figures of ``derainer`` on the labelled set: routed (with the expert check if ``check``), or every
+    image through the one ``expert`` (index) when given."""
+    ev, chosen, _ = derain_set(derainer, set_dir, DerainOptions(check=check, expert=expert))
     res = by_regime(ev["images"], labels, chosen)
     res["routing"] = dict(Counter(chosen.values()))
     return res
@@ -75,9 +77,13 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--check", action="store_true", help="also: routed with the expert check")
+    ap.add_argument("--expert", choices=EXPERTS,
+                    help="every image through this one expert (e.g. a network trained without routing) instead")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
+    forced = None if a.expert is None else EXPERTS.index(a.expert)
+    how = "routed" if forced is None else f"forced {a.expert}"
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if a.set:
@@ -95,9 +101,9 @@ def main():
         results = {}
         for ck in a.checkpoints:
             d = Derainer(load_model(ck))
-            results[ck] = {"routed": evaluate(d, set_dir, labels)}
-            print(table(f"{ck} routed", results[ck]["routed"]), flush=True)
-            if a.check:
+            results[ck] = {how: evaluate(d, set_dir, labels, expert=forced)}
+            print(table(f"{ck} {how}", results[ck][how]), flush=True)
+            if a.check and forced is None:
                 results[ck]["routed_check"] = evaluate(d, set_dir, labels, check=True)
                 print(table(f"{ck} routed + expert check", results[ck]["routed_check"]), flush=True)
     if a.json:

@@ -177,6 +177,8 @@ def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
     res = sr.evaluate(d, tmp_path / "set", labels)
     assert res["all"]["n"] == 6 and sum(res["routing"].values()) == 6
     assert sum(v["n"] for k, v in res.items() if k not in ("all", "routing")) == 6
+    forced = sr.evaluate(d, tmp_path / "set", labels, expert=2)  # every image through the raindrops expert
+    assert forced["routing"] == {"raindrops": 6} and forced["all"]["n"] == 6
     # 'all' is the plain mean of the protocol metric over every image
     rows = [{"name": "a", "psnr": 30.0, "ssim": 0.9}, {"name": "b", "psnr": 20.0, "ssim": 0.5},
             {"name": "c", "psnr": 25.0, "ssim": 0.7}]
