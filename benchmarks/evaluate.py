@@ -1,12 +1,14 @@
 """Rain100L / heavy-set evaluation of CLIP-RPN checkpoints, by the protocol of method.md:
 outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back from the files.
 
-  python -m benchmarks.evaluate CKPT [CKPT...] [--sets rain100l heavy_test] [--experts] [--self-ensemble]
+  python -m benchmarks.evaluate CKPT [CKPT...] [--sets rain100l heavy_test] [--experts | --expert NAME] [--self-ensemble]
                                 [--check [--check-ratio T]] [--top-k K] [--passes N] [--json out.json]
 
 --experts also forces every image through each single expert (routing vs best single expert) and reports the
 per-image oracle: the best expert for each image chosen by its ground truth (an upper bound for top-1 routing,
 not a method: it needs the clean image), how often each expert is that best one, and how often routing picked it;
+--expert NAME runs only that one expert for every image, in place of the routed runs (a network trained without
+routing, evaluated as it is used);
 --self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option);
 --check also runs it with the expert check (the two best-ranked experts, the runner-up kept where the model's
 mask estimator finds clearly less rain in its output; the Derain node's expert_check option); both together
@@ -67,6 +69,8 @@ def main():
     ap.add_argument("--sets", nargs="+", default=["rain100l", "heavy_test"])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--experts", action="store_true")
+    ap.add_argument("--expert", choices=EXPERTS, help="only: every image through this one expert (e.g. a network "
+                    "trained without routing, as it is used), in place of the routed runs")
     ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 runs per image)")
     ap.add_argument("--top-k", type=int, default=1, help="experts per image for the routed runs")
     ap.add_argument("--passes", type=int, default=0, help="restoration passes (0: each model's own setting)")
@@ -75,6 +79,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.expert and (a.experts or a.check or a.self_ensemble):
+        ap.error("--expert replaces the routed runs: it does not go with --experts, --check or --self-ensemble")
     torch.set_num_threads(a.threads)
     results = {}
     routed = DerainOptions(top_k=a.top_k, passes=a.passes or None)
@@ -84,6 +90,12 @@ def main():
         print(f"{ck}: {routed.passes or d.model.config.passes} restoration pass(es)", flush=True)
         res = {}
         for s in a.sets:
+            if a.expert:
+                key = f"forced_{a.expert}"
+                res[s] = {key: run(d, Path(a.data) / s, DerainOptions(expert=EXPERTS.index(a.expert),
+                                                                         passes=routed.passes))}
+                print(f"{ck} {s} forced {a.expert}: {short(res[s][key])}", flush=True)
+                continue
             res[s] = {"routed": run(d, Path(a.data) / s, routed)}
             print(f"{ck} {s} routed: {short(res[s]['routed'])}", flush=True)
             if a.self_ensemble:

@@ -17,6 +17,6 @@ python -m benchmarks.evaluate runs/stage15_cmp/routed_$S.safetensors --sets rain
   | tee runs/stage15_cmp/routed_$S.txt
 python -m benchmarks.synthetic_regimes runs/stage15_cmp/routed_$S.safetensors --threads 2 | tee -a runs/stage15_cmp/routed_$S.txt
 # the unrouted network as it would be used: one network (the light-streaks path it trained) for every image
-python -m benchmarks.evaluate "$UN" --sets rain100l heavy_test --experts --threads 2 \
+python -m benchmarks.evaluate "$UN" --sets rain100l heavy_test --expert light_streaks --threads 2 \
   | tee runs/stage15_cmp/unrouted_$U.txt
 python -m benchmarks.synthetic_regimes "$UN" --expert light_streaks --threads 2 | tee -a runs/stage15_cmp/unrouted_$U.txt

@@ -66,6 +66,29 @@ def test_loss_ablation_finished_runs_and_table(tmp_path, tiny_model, capsys):
     assert "fixed: 1 charbonnier" in rows["charbonnier"] and "dwa: 1 charbonnier + 0.2 ssim" in rows["dwa"]
 
 
+def test_evaluate_one_forced_expert_in_place_of_routing(tmp_path, tiny_ckpt):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for sub in ("rain", "gt"):
+        (tmp_path / "data" / "mini" / sub).mkdir(parents=True)
+    for i in range(2):
+        gt = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(gt).save(tmp_path / "data" / "mini" / "gt" / f"{i}.png")
+        Image.fromarray(np.clip(gt.astype(int) + 40, 0, 255).astype(np.uint8)).save(
+            tmp_path / "data" / "mini" / "rain" / f"{i}.png")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.evaluate", str(tiny_ckpt), "--sets", "mini", "--data",
+           str(tmp_path / "data"), "--threads", "1", "--expert", "raindrops"]
+    r = subprocess.run(cmd + ["--json", str(tmp_path / "r.json")], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())[str(tiny_ckpt)]["mini"]
+    assert list(res) == ["forced_raindrops"] and res["forced_raindrops"]["routing"] == {"raindrops": 2}
+    bad = subprocess.run(cmd + ["--experts"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not go with" in bad.stderr
+
+
 def test_evaluate_oracle_expert():
     ev = _load("evaluate")
     res = {"routed": {"per_image_psnr": {"a.png": 30.0, "b.png": 20.0, "c.png": 25.0},
