@@ -299,15 +299,21 @@ def test_misroute_with_a_trainable_head_runs_the_head_once(tmp_path, data_dirs):
     assert t.model.pattern_head.fc[0].weight.grad is not None
 
 
-def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
-    from cliprpn_core.data import RainLayerSource
-    clean, pairs = data_dirs
+def _mixed_pairs(tmp_path, pairs):
+    """A pair folder of the two heavy pairs of ``pairs`` and one light pair (a copy named light_0)."""
     mixed = tmp_path / "mixed"
     for sub in ("rain", "gt"):
         (mixed / sub).mkdir(parents=True)
         for f in (pairs / sub).iterdir():  # heavy_0, heavy_1 and one light pair
             (mixed / sub / f.name).write_bytes(f.read_bytes())
         (mixed / sub / "light_0.png").write_bytes((pairs / sub / "heavy_0.png").read_bytes())
+    return mixed
+
+
+def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
+    from cliprpn_core.data import RainLayerSource
+    clean, pairs = data_dirs
+    mixed = _mixed_pairs(tmp_path, pairs)
     gen = torch.Generator().manual_seed(0)
     for share, want in ((1.0, 0), (0.0, 1)):
         src = RainLayerSource([mixed], [clean], min_side=32, max_rotation=0, light_share=share)
@@ -324,13 +330,7 @@ def test_layer_light_share_sets_light_vs_heavy_layer_draws(tmp_path, data_dirs):
 
 def test_pair_light_share_sets_light_vs_heavy_pair_draws(tmp_path, data_dirs):
     from cliprpn_core.data import PairedSource
-    _, pairs = data_dirs
-    mixed = tmp_path / "mixed"
-    for sub in ("rain", "gt"):
-        (mixed / sub).mkdir(parents=True)
-        for f in (pairs / sub).iterdir():  # heavy_0, heavy_1 and one light pair
-            (mixed / sub / f.name).write_bytes(f.read_bytes())
-        (mixed / sub / "light_0.png").write_bytes((pairs / sub / "heavy_0.png").read_bytes())
+    mixed = _mixed_pairs(tmp_path, data_dirs[1])
     gen = torch.Generator().manual_seed(0)
     uniform = PairedSource([mixed], min_side=32)
     light = (uniform.batch(600, 32, gen, "cpu").expert == 0).float().mean().item()
@@ -340,7 +340,7 @@ def test_pair_light_share_sets_light_vs_heavy_pair_draws(tmp_path, data_dirs):
     src = PairedSource([mixed], min_side=32, light_share=0.75)
     light = (src.batch(600, 32, gen, "cpu").expert == 0).float().mean().item()
     assert 0.69 < light < 0.81
-    only_heavy = PairedSource([pairs], min_side=32, light_share=1.0)
+    only_heavy = PairedSource([data_dirs[1]], min_side=32, light_share=1.0)
     assert (only_heavy.batch(8, 32, gen, "cpu").expert == 1).all()
     with pytest.raises(ValueError, match="light_share must be in"):
         PairedSource([mixed], min_side=32, light_share=-0.1)
