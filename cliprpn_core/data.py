@@ -153,6 +153,19 @@ class NoRainSource:
                           torch.zeros(n, dtype=torch.long, device=device))
 
 
+def kind_draw_weights(heavy: list, light_share: float, what: str) -> torch.Tensor:
+    """Draw weights over items flagged ``heavy`` (list of bool) so that light items make up ``light_share`` of the
+    draws and heavy ones the rest, however many of each there are; with only one kind present, that kind is drawn."""
+    if not 0.0 <= float(light_share) <= 1.0:
+        raise ValueError(f"light_share must be in [0, 1] (the share of {what} draws that are light rain), "
+                         f"got {light_share}")
+    mask = torch.tensor(heavy, dtype=torch.bool)
+    n_heavy = float(mask.sum())
+    n_light = len(heavy) - n_heavy
+    share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
+    return torch.where(mask, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
+
+
 class PairedSource:
     """Real rain/gt pairs. Labels: expert and form from the folder/name hints (heavy vs light),
     orientation from the rain layer's structure tensor; a mask from the rain layer. A folder with
@@ -180,16 +193,7 @@ class PairedSource:
             self.heavy.append(any(h in name for h in HEAVY_HINTS) and "rain200l" not in name)
         if not self.rain:
             raise FileNotFoundError(f"no pairs of at least {min_side}px under {roots}")
-        self.draw_weights = None
-        if light_share is not None:
-            if not 0.0 <= float(light_share) <= 1.0:
-                raise ValueError(f"light_share must be in [0, 1] (the share of pair draws that are light rain), "
-                                 f"got {light_share}")
-            heavy = torch.tensor(self.heavy, dtype=torch.bool)
-            n_heavy = float(heavy.sum())
-            n_light = len(self.heavy) - n_heavy
-            share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
-            self.draw_weights = torch.where(heavy, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
+        self.draw_weights = None if light_share is None else kind_draw_weights(self.heavy, light_share, "pair")
 
     def batch(self, n, size, gen, device) -> RainSample:
         if self.draw_weights is None:  # (uniform over pairs: older configs keep their exact data stream)
@@ -262,9 +266,7 @@ class RainLayerSource:
 
     def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
                  gain=(0.7, 1.3), light_share=0.5, scale=(0.8, 1.2), mix=0.0, mix_gain=(0.4, 1.0)):
-        if not 0.0 <= float(light_share) <= 1.0:
-            raise ValueError(f"light_share must be in [0, 1] (the share of layer draws that are light rain), "
-                             f"got {light_share}")
+        kind_draw_weights([], light_share, "layer")  # (checks the share before any file is read)
         if not 0.0 <= float(mix) <= 1.0:
             raise ValueError(f"mix must be in [0, 1] (the share of layer draws that get a second layer added), got {mix}")
         self.scale = tuple(float(v) for v in scale)
@@ -281,13 +283,8 @@ class RainLayerSource:
         self.layers = [(self.pairs.rain[i].short() - self.pairs.gt[i].short()).clamp(0, 255).to(torch.uint8) for i in keep]
         self.heavy = [self.pairs.heavy[i] for i in keep]
         self.clean = SyntheticSource(clean_folders, min_side=min_side)
-        # light layers make up light_share of the draws (heavy the rest), however many of each there are;
-        # with only one kind present, that kind is drawn
         self.heavy_mask = torch.tensor(self.heavy, dtype=torch.bool)
-        n_heavy = float(self.heavy_mask.sum())
-        n_light = len(self.heavy) - n_heavy
-        share = float(light_share) if n_heavy and n_light else (1.0 if n_light else 0.0)
-        self.draw_weights = torch.where(self.heavy_mask, (1 - share) / max(1.0, n_heavy), share / max(1.0, n_light))
+        self.draw_weights = kind_draw_weights(self.heavy, light_share, "layer")
 
     def _add_second_layers(self, layer, picks, crop, gen, device):
         """With probability ``mix`` per sample, add a second crop of a layer of the same kind (light or heavy),
