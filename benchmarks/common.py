@@ -18,7 +18,7 @@ from cliprpn_core.data import (
     rotate_center,
     rotation_crop_size,
 )
-from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, save_image
+from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, save_image, to_uint8
 from cliprpn_core.inference import DerainOptions
 from cliprpn_core.metrics import evaluate_folders
 from cliprpn_core.patterns import EXPERTS
@@ -30,7 +30,7 @@ DEFAULT_CHECKPOINT = default_model_path()
 
 def to_u8(t: torch.Tensor) -> np.ndarray:
     """A 0..1 image [3,H,W] as 8-bit HWC, rounded as a saved PNG is."""
-    return (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_uint8(t)
 
 
 def derain_set(derainer, set_dir, options: DerainOptions | None = None):

@@ -2,6 +2,7 @@
 Loading never unpickles, validates every key and shape, and says exactly what is wrong."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from .imageio import atomic_write_bytes
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with the reason and what to do."""
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, hex (what provenance metadata and measurement caches name a checkpoint by)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_model(model: CLIPRPN, path, extra_meta: dict | None = None, dtype: torch.dtype | None = None):

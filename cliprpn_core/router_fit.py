@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from .arch import ExpertRouter
+from .imageio import to_uint8
 from .inference import DerainOptions
 from .metrics import psnr_y
 
@@ -39,11 +40,6 @@ class Measured:
         return Measured([self.names[i] for i in idx], self.probs[idx], self.psnr[idx])
 
 
-def _u8(t: torch.Tensor):
-    """A 0..1 image [3,H,W] as 8-bit HWC, rounded as a saved PNG is."""
-    return (t.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 def measure(derainer, pairs: Iterable, progress: Callable | None = None) -> Measured:
     """Run every expert on every pair. ``pairs``: (name, rainy [1,3,H,W] or [3,H,W] 0..1, clean 8-bit HWC)."""
     names, probs, scores = [], [], []
@@ -54,7 +50,7 @@ def measure(derainer, pairs: Iterable, progress: Callable | None = None) -> Meas
             raise ValueError(f"pair {name}: rainy {tuple(rainy.shape[-2:])} and clean {tuple(clean.shape[:2])} "
                              f"differ in size")
         p, _ = derainer.perceive(rainy)
-        row = [psnr_y(_u8(derainer.derain(rainy, DerainOptions(expert=k)).images[0]), clean) for k in range(e)]
+        row = [psnr_y(to_uint8(derainer.derain(rainy, DerainOptions(expert=k)).images[0]), clean) for k in range(e)]
         names.append(name)
         probs.append(p[0].float())
         scores.append(torch.tensor(row, dtype=torch.float64))

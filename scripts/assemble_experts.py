@@ -8,19 +8,14 @@ from --base, perception (pattern head, router) from --base.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cliprpn_core.arch import network_experts_from  # noqa: E402
-from cliprpn_core.checkpoint import load_model, save_model  # noqa: E402
+from cliprpn_core.checkpoint import file_sha256, load_model, save_model  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main(argv=None) -> int:
@@ -41,7 +36,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown expert {name!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
         paths[e] = path
     loaded = {p: load_model(p) for p in set(paths) - {a.base}} | {a.base: base}  # each file read once
-    digest = {p: sha256(p)[:16] for p in loaded}
+    digest = {p: file_sha256(p)[:16] for p in loaded}
     model = network_experts_from([loaded[p] for p in paths], perception=base)
     save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{p} sha256:{digest[p]}"
                                                             for e, p in enumerate(paths)}})

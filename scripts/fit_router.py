@@ -13,7 +13,6 @@ fit can be repeated without running the experts again. Ctrl-C leaves no partial 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -23,15 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cliprpn_core.checkpoint import load_model, read_metadata, save_model  # noqa: E402
+from cliprpn_core.checkpoint import file_sha256, load_model, read_metadata, save_model  # noqa: E402
 from cliprpn_core.data import pair_files, write_labelled_set  # noqa: E402
 from cliprpn_core.imageio import atomic_write_bytes, load_rgb_uint8, read_image  # noqa: E402
 from cliprpn_core.inference import Derainer  # noqa: E402
 from cliprpn_core.router_fit import Measured, fit, measure, router_logits, stats  # noqa: E402
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def pairs_of(dirs):
@@ -75,7 +70,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if Path(a.out).resolve() == Path(a.checkpoint).resolve():
         ap.error("-o must not be the input checkpoint (write a new file, check it, then replace)")
-    digest = sha256(a.checkpoint)
+    digest = file_sha256(a.checkpoint)
     model = load_model(a.checkpoint)
     if a.measurements and Path(a.measurements).exists():
         m = load_measured(a.measurements, digest)
@@ -97,7 +92,7 @@ def main(argv=None) -> int:
             save_measured(m, a.measurements, digest)
     n = len(m.names)
     held = [i for i in range(n) if a.holdout_every and i % a.holdout_every == 0]
-    fit_idx = [i for i in range(n) if i not in set(held)]
+    fit_idx = sorted(set(range(n)) - set(held))
     train, val = m.subset(fit_idx), m.subset(held)
     val_before = stats(router_logits(model.router, val.probs), val.psnr) if held else None
     res = fit(model.router, train, steps=a.steps, lr=a.lr, pull=a.pull, temperature=a.temperature)
