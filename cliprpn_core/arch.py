@@ -241,6 +241,15 @@ def _zip_map(fn, acc, out):
     return fn(acc, out)
 
 
+def _sole_expert(routing: torch.Tensor) -> int | None:
+    """The expert every image is routed to at weight exactly 1 (top-1 routing of a whole batch), else None."""
+    active = (routing > 0).any(0).nonzero().flatten()
+    if active.numel() != 1:
+        return None
+    e = int(active[0])
+    return e if bool((routing[:, e] == 1).all()) else None
+
+
 class Restorer(nn.Module):
     """The restoration network: encoder -> multi-scale masks -> MGCA -> routed experts -> decoder.
     The whole CLIP-RPN model is one (expert_scope "bottleneck"), or holds one per expert ("network")."""
@@ -289,22 +298,31 @@ class Restorer(nn.Module):
             m = F.adaptive_avg_pool2d(mask.float(), bottom.shape[-2:])
         bottom = self.mgca(bottom, m)
         skip = feats[-2]
-        h = torch.zeros_like(skip)
         routing = routing.to(x.device)
-        for e, expert in enumerate(self.experts):
-            idx = (routing[:, e] > 0).nonzero().flatten()
-            if idx.numel() == 0:
-                continue  # not routed to: never executed
-            if idx.numel() == x.shape[0]:
-                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * expert(bottom, self.ups[-1], skip)
-            else:
-                y = expert(bottom[idx], self.ups[-1], skip[idx])
-                h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
+        only = _sole_expert(routing)
+        if only is not None:  # one expert takes every image at weight 1: no weighted sum needed
+            h = self.experts[only](bottom, self.ups[-1], skip)
+        else:
+            h = self._mixed_experts(bottom, skip, routing)
         n = len(self.decoders)
         h = self.decoders[n - 1](h)
         for i in range(n - 2, -1, -1):
             h = self.decoders[i](self.ups[i](h) + feats[i])
         return x + self.outro(h), mask_logits, pyramid
+
+    def _mixed_experts(self, bottom, skip, routing):
+        """The routing-weighted sum of the experts' outputs; an expert no image is routed to never runs."""
+        h = torch.zeros_like(skip)
+        for e, expert in enumerate(self.experts):
+            idx = (routing[:, e] > 0).nonzero().flatten()
+            if idx.numel() == 0:
+                continue  # not routed to: never executed
+            if idx.numel() == bottom.shape[0]:
+                h = h + routing[:, e].view(-1, 1, 1, 1).to(h.dtype) * expert(bottom, self.ups[-1], skip)
+            else:
+                y = expert(bottom[idx], self.ups[-1], skip[idx])
+                h = h.index_add(0, idx, routing[idx, e].view(-1, 1, 1, 1).to(h.dtype) * y)
+        return h
 
 
 class CLIPRPN(Restorer):
@@ -358,6 +376,9 @@ class CLIPRPN(Restorer):
         """Network scope: ``run(restorer, images, their indices)`` on the images routed to each expert (the others
         never run), its tensors (or lists of tensors) weighted by the routing and summed per image."""
         routing = routing.to(x.device)
+        only = _sole_expert(routing)
+        if only is not None:  # one expert takes every image at weight 1: its output as it is (no weighted sum)
+            return run(self.experts[only], x, torch.arange(x.shape[0], device=x.device))
         total = None
         for e, restorer in enumerate(self.experts):
             idx = (routing[:, e] > 0).nonzero().flatten()

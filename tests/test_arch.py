@@ -235,3 +235,24 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
     bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "base.safetensors"), "--expert",
                           "snow=x", "-o", str(tmp_path / "n2.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown expert 'snow'" in bad.stderr
+
+
+@pytest.mark.parametrize("scope", ["bottleneck", "network"])
+def test_one_expert_for_the_whole_batch_skips_the_weighted_sum_with_equal_outputs(scope, tiny_model,
+                                                                                  tiny_network_model):
+    """Top-1 routing of a whole batch to one expert returns that expert's output as it is; the weighted-sum path
+    (an expert given weight 1 next to one given weight 0+) must agree with it."""
+    from cliprpn_core.arch import _sole_expert
+    m = tiny_model if scope == "bottleneck" else tiny_network_model
+    assert _sole_expert(torch.tensor([[0, 1.0, 0, 0], [0, 1.0, 0, 0]])) == 1
+    assert _sole_expert(torch.tensor([[0, 1.0, 0, 0], [1.0, 0, 0, 0]])) is None
+    assert _sole_expert(torch.tensor([[0, 0.5, 0.5, 0]])) is None
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        fast, ml, pyr = m.restore(x, torch.tensor([[0, 1.0, 0, 0], [0, 1.0, 0, 0]]))
+        tiny = 1e-30  # the sum path: expert 2 runs with a weight that changes nothing
+        slow, ml2, pyr2 = m.restore(x, torch.tensor([[0, 1.0, tiny, 0], [0, 1.0, tiny, 0]]))
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ml, ml2, atol=1e-6, rtol=0)
+    for a, b in zip(pyr, pyr2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
