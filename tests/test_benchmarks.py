@@ -211,3 +211,14 @@ def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
     assert g["light_streaks"]["routed_to_label"] == 0.0 and g["all"]["psnr"] == 25.0
     assert np.isclose(g["all"]["routed_to_label"], 1 / 3, atol=1e-3)
     assert list(g) == ["light_streaks", "veil", "all"]
+
+
+def test_speed_timing_reports_median_and_fastest(monkeypatch):
+    from benchmarks import speed
+    clock = iter([0.0, 3.0, 10.0, 12.0, 20.0, 24.0])  # three runs lasting 3, 2 and 4 seconds
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert speed.timed(lambda: calls.append(1), 3) == (3.0, 2.0)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="--repeats"):
+        speed.timed(lambda: None, 0)
