@@ -504,6 +504,28 @@ def shared_to_network_experts(state: dict, experts) -> dict:
     return out
 
 
+def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
+    """A copy of the network-scope ``model`` in which expert e's network is ``sources[e]``'s shared network with its
+    expert e (each source a bottleneck-scope model of the same config, e.g. a longer-trained light specialist); the
+    other experts' networks and perception stay ``model``'s."""
+    cfg = model.config
+    if cfg.expert_scope != "network":
+        raise ValueError("replace_network_experts needs a model whose experts are whole networks (expert_scope "
+                         "'network'); build one from shared-network checkpoints with network_experts_from")
+    shared = replace(cfg, expert_scope="bottleneck")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for e, s in sources.items():
+        if not 0 <= e < cfg.num_experts:
+            raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
+        if s.config.expert_scope != "bottleneck" or not s.config.same_weights(shared):
+            raise ValueError(f"the source for expert {e} is not a shared-network model of the model's config")
+        state.update({k: v for k, v in shared_to_network_experts(s.state_dict(), [e]).items()
+                      if k.startswith("experts.")})  # perception stays the model's
+    out = CLIPRPN(cfg)
+    out.load_state_dict(state)
+    return out
+
+
 def network_experts_from(sources: list, perception: CLIPRPN | None = None) -> CLIPRPN:
     """A network-scope model whose expert e is ``sources[e]``'s network with its expert e (each source a
     bottleneck-scope model of one config, e.g. a light-rain specialist for expert 0 and the general model for

@@ -7,7 +7,7 @@ set -euo pipefail
 R=${1:?run dir}; S=${2:?step}
 C=$R/model_step$S.safetensors; [ -e "$C" ] || C=$R/model.safetensors
 O=runs/stage18_cmp; mkdir -p $O; n=$(basename "$R")_$S
-python -m benchmarks.evaluate "$C" --sets rain100l --expert light_streaks --threads 1 | tee $O/${n}_light.txt
+[ -s $O/${n}_light.txt ] || python -m benchmarks.evaluate "$C" --sets rain100l --expert light_streaks --threads 1 | tee $O/${n}_light.txt
 if [ "${3:-}" = full ]; then
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --expert light_streaks="$C" \
     -o $O/routed_$n.safetensors

@@ -1,6 +1,7 @@
 """Build a model whose experts are whole networks (expert_scope "network") from shared-network checkpoints:
 expert e's network comes from the checkpoint given for it (its shared layers and its expert e), every other expert's
-from --base, perception (pattern head, router) from --base.
+from --base, perception (pattern head, router) from --base. --base may itself be a whole-network-expert model (the
+shipped one): then only the experts given are replaced.
 
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
@@ -13,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cliprpn_core.arch import network_experts_from  # noqa: E402
+from cliprpn_core.arch import network_experts_from, replace_network_experts  # noqa: E402
 from cliprpn_core.checkpoint import file_sha256, load_model, save_model  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="shared-network checkpoint: perception and the other experts")
+    ap.add_argument("--base", required=True, help="checkpoint giving perception and the other experts (shared-network or whole-network experts)")
     ap.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
                     help=f"expert name ({', '.join(EXPERTS)}) or index = the checkpoint its network comes from")
     ap.add_argument("-o", "--out", required=True)
@@ -37,9 +38,13 @@ def main(argv=None) -> int:
         paths[e] = path
     loaded = {p: load_model(p) for p in set(paths) - {a.base}} | {a.base: base}  # each file read once
     digest = {p: file_sha256(p)[:16] for p in loaded}
-    model = network_experts_from([loaded[p] for p in paths], perception=base)
-    save_model(model, a.out, extra_meta={"assembled_from": {EXPERTS[e]: f"{p} sha256:{digest[p]}"
-                                                            for e, p in enumerate(paths)}})
+    if base.config.expert_scope == "network":
+        model = replace_network_experts(base, {e: loaded[p] for e, p in enumerate(paths) if p != a.base})
+    else:
+        model = network_experts_from([loaded[p] for p in paths], perception=base)
+    kept = " (its own network)" if base.config.expert_scope == "network" else ""
+    save_model(model, a.out, extra_meta={"assembled_from": {
+        EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; "
           + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths)))

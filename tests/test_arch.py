@@ -235,6 +235,26 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
     bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "base.safetensors"), "--expert",
                           "snow=x", "-o", str(tmp_path / "n2.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown expert 'snow'" in bad.stderr
+    # a whole-network-expert base (the shipped kind): only the expert given is replaced, the rest kept as they are
+    newer = copy.deepcopy(special)
+    with torch.no_grad():
+        for p in newer.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model(newer, tmp_path / "light2.safetensors")
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net.safetensors"), "--expert",
+                          f"0={tmp_path / 'light2.safetensors'}", "-o", str(tmp_path / "net2.safetensors")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    again = load_model(tmp_path / "net2.safetensors").eval()
+    want = network_experts_from([newer, base, base, base], perception=base).eval()
+    assert again.config == want.config
+    for (k, v), (k2, v2) in zip(sorted(again.state_dict().items()), sorted(want.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    from cliprpn_core.arch import replace_network_experts
+    with pytest.raises(ValueError, match="whole networks"):
+        replace_network_experts(base, {0: newer})
+    with pytest.raises(ValueError, match="not a shared-network model"):
+        replace_network_experts(again, {1: again})
 
 
 @pytest.mark.parametrize("scope", ["bottleneck", "network"])
