@@ -7,7 +7,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cliprpn_core import default_model_path
@@ -26,11 +25,6 @@ from cliprpn_core.patterns import EXPERTS
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # data sets beside the repository (../shared/data)
 DEFAULT_CHECKPOINT = default_model_path()
-
-
-def to_u8(t: torch.Tensor) -> np.ndarray:
-    """A 0..1 image [3,H,W] as 8-bit HWC, rounded as a saved PNG is."""
-    return to_uint8(t)
 
 
 def derain_set(derainer, set_dir, options: DerainOptions | None = None):
@@ -77,11 +71,11 @@ def calibration_sets(data: Path, n: int, size: int, seed: int):
         src = RainLayerSource(pairs, [data / "clean"], min_side=size, only=kind, max_rotation=0.0)
         imgs = []
         for _, _, rainy, clean in probe_batches(src, n, size, [-40, -20, 0, 20, 40], [1.0], seed):
-            imgs += [(r, to_u8(c)) for r, c in zip(rainy, clean)]
+            imgs += [(r, to_uint8(c)) for r, c in zip(rainy, clean)]
         yield f"{kind} layers over clean, turned -40..40", [(r, c, f"{kind}_streaks") for r, c in imgs]
     gen = torch.Generator().manual_seed(seed)
     s = SyntheticSource([data / "clean"], min_side=size).batch(4 * n, size, gen, "cpu")
-    yield "synthetic rain over clean", [(r, to_u8(c), EXPERTS[int(e)]) for r, c, e in zip(s.rainy, s.clean, s.expert)]
+    yield "synthetic rain over clean", [(r, to_uint8(c), EXPERTS[int(e)]) for r, c, e in zip(s.rainy, s.clean, s.expert)]
 
 
 def calibration_args(ap: argparse.ArgumentParser) -> None:

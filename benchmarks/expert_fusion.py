@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cliprpn_core.checkpoint import load_model
-from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
+from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, to_uint8
 from cliprpn_core.inference import (
     CHECK_EXPERTS,
     CHECK_RATIO,
@@ -42,7 +42,7 @@ from cliprpn_core.inference import (
 )
 from cliprpn_core.metrics import psnr_y
 
-from .common import calibration_args, calibration_sets, to_u8
+from .common import calibration_args, calibration_sets
 
 LIGHT, HEAVY = CHECK_EXPERTS
 
@@ -67,12 +67,12 @@ def measure(d: Derainer, rainy: torch.Tensor, clean: np.ndarray) -> dict:
     (cands,) = check_candidates(torch.zeros_like(ranking), ranking)
     row = {"cands": cands, "clean": clean}
     if len(cands) == 1:
-        row["top1"] = psnr_y(to_u8(d.derain(rainy, DerainOptions(expert=cands[0])).images[0]), clean)
+        row["top1"] = psnr_y(to_uint8(d.derain(rainy, DerainOptions(expert=cands[0])).images[0]), clean)
         return row
     row["m_in"] = d.estimate_mask(rainy)[0, 0]
     for e in (LIGHT, HEAVY):
         out = d.derain(rainy, DerainOptions(expert=e)).images[0]
-        row[e] = {"out": out, "res": d.estimate_mask(out[None])[0, 0], "psnr": psnr_y(to_u8(out), clean)}
+        row[e] = {"out": out, "res": d.estimate_mask(out[None])[0, 0], "psnr": psnr_y(to_uint8(out), clean)}
     row["top1"] = row[cands[0]]["psnr"]
     return row
 
@@ -101,7 +101,7 @@ def rule_psnr(row: dict, rule) -> float:
     if mode == "check+fuse" and check_pick(row) == HEAVY:
         return row[HEAVY]["psnr"]
     w = weight(row, kind, g, s)
-    return psnr_y(to_u8(row[LIGHT]["out"] * (1 - w) + row[HEAVY]["out"] * w), row["clean"])
+    return psnr_y(to_uint8(row[LIGHT]["out"] * (1 - w) + row[HEAVY]["out"] * w), row["clean"])
 
 
 RULES = [("check", None, 0, 0)] + [

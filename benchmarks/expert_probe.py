@@ -23,15 +23,16 @@ import torch
 from cliprpn_core.arch import route
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.data import RainLayerSource
+from cliprpn_core.imageio import to_uint8
 from cliprpn_core.metrics import psnr_y
 from cliprpn_core.patterns import EXPERTS
 
-from .common import DATA, DEFAULT_CHECKPOINT, probe_batches, to_u8
+from .common import DATA, DEFAULT_CHECKPOINT, probe_batches
 
 
 def y_psnr_8bit(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-image Y-PSNR [B] of 0..1 tensors [B,3,H,W], both rounded to 8 bits, by metrics.psnr_y."""
-    return torch.tensor([psnr_y(to_u8(p), to_u8(r)) for p, r in zip(pred, ref)])
+    return torch.tensor([psnr_y(to_uint8(p), to_uint8(r)) for p, r in zip(pred, ref)])
 
 
 def main():

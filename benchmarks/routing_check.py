@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cliprpn_core.checkpoint import load_model
-from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image
+from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, to_uint8
 from cliprpn_core.inference import (
     CHECK_EXPERTS,
     Derainer,
@@ -38,7 +38,7 @@ from cliprpn_core.inference import (
 )
 from cliprpn_core.metrics import psnr_y
 
-from .common import calibration_args, calibration_sets, to_u8
+from .common import calibration_args, calibration_sets
 
 RATIOS = [round(0.3 + 0.05 * i, 2) for i in range(15)]  # 0.30 .. 1.00
 
@@ -53,7 +53,7 @@ def measure(d: Derainer, rainy: torch.Tensor, clean_u8: np.ndarray) -> dict:
     for e in cands:
         out = d.derain(rainy, DerainOptions(expert=e)).images[0]
         row["residual"].append(float(d.residual_rain(out[None], None, 0)))  # as derain's check measures it
-        row["psnr"].append(psnr_y(to_u8(out), clean_u8))
+        row["psnr"].append(psnr_y(to_uint8(out), clean_u8))
     return row
 
 

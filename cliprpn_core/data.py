@@ -153,12 +153,16 @@ class NoRainSource:
                           torch.zeros(n, dtype=torch.long, device=device))
 
 
-def kind_draw_weights(heavy: list, light_share: float, what: str) -> torch.Tensor:
-    """Draw weights over items flagged ``heavy`` (list of bool) so that light items make up ``light_share`` of the
-    draws and heavy ones the rest, however many of each there are; with only one kind present, that kind is drawn."""
+def check_light_share(light_share: float, what: str):
     if not 0.0 <= float(light_share) <= 1.0:
         raise ValueError(f"light_share must be in [0, 1] (the share of {what} draws that are light rain), "
                          f"got {light_share}")
+
+
+def kind_draw_weights(heavy: list, light_share: float, what: str) -> torch.Tensor:
+    """Draw weights over items flagged ``heavy`` (list of bool) so that light items make up ``light_share`` of the
+    draws and heavy ones the rest, however many of each there are; with only one kind present, that kind is drawn."""
+    check_light_share(light_share, what)
     mask = torch.tensor(heavy, dtype=torch.bool)
     n_heavy = float(mask.sum())
     n_light = len(heavy) - n_heavy
@@ -266,7 +270,7 @@ class RainLayerSource:
 
     def __init__(self, pair_roots, clean_folders, min_side=96, only: str | None = None, max_rotation=15.0,
                  gain=(0.7, 1.3), light_share=0.5, scale=(0.8, 1.2), mix=0.0, mix_gain=(0.4, 1.0)):
-        kind_draw_weights([], light_share, "layer")  # (checks the share before any file is read)
+        check_light_share(light_share, "layer")  # before any file is read
         if not 0.0 <= float(mix) <= 1.0:
             raise ValueError(f"mix must be in [0, 1] (the share of layer draws that get a second layer added), got {mix}")
         self.scale = tuple(float(v) for v in scale)

@@ -122,16 +122,16 @@ def test_routing_check_measures_what_the_check_decides(tiny_model):
     from cliprpn_core import Derainer
     from cliprpn_core.inference import DerainOptions, check_choice
     rc = _load("routing_check")
-    to_u8 = _load("common").to_u8
+    from cliprpn_core.imageio import to_uint8
     d = Derainer(tiny_model)
     g = torch.Generator().manual_seed(0)
     x, clean = torch.rand(3, 32, 48, generator=g), torch.rand(3, 32, 48, generator=g)
-    row = rc.measure(d, x, to_u8(clean))
+    row = rc.measure(d, x, to_uint8(clean))
     assert len(row["experts"]) == 2 and len(set(row["experts"])) == 2
     for bias in ([6.0, 6.0, -6.0, -6.0], [-6.0, 6.0, 7.0, -6.0]):  # streak experts first (checked), or not
         with torch.no_grad():
             d.model.router.linear.bias.copy_(torch.tensor(bias))
-        row = rc.measure(d, x, to_u8(clean))
+        row = rc.measure(d, x, to_uint8(clean))
         assert row["checked"] == (bias[0] > 0) and len(row["residual"]) == 2
         for t in (1e-9, 0.5, 1.0, 1e9):
             want = row["experts"][rc.decide(row, t)]
