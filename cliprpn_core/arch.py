@@ -446,7 +446,7 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     side, for every expert."""
     own, sd = model.state_dict(), src.state_dict()
     if model.config.expert_scope == "network" and src.config.expert_scope == "bottleneck":
-        sd = shared_to_network_experts(sd, range(model.config.num_experts))
+        sd = {**shared_to_network_experts(sd, range(model.config.num_experts)), **_perception_state(sd)}
     extra_src = sorted(set(sd) - set(own))
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if extra_src or wrong:
@@ -485,16 +485,16 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
 
 
 def shared_to_network_experts(state: dict, experts) -> dict:
-    """A bottleneck-scope state dict as a network-scope one, for the expert indices in ``experts``: expert e's
-    network gets a copy of every shared tensor and, as its one expert, expert e's tensors; perception (pattern
-    head, router) stays as it is."""
+    """The expert networks of a bottleneck-scope state dict as network-scope tensors, for the expert indices in
+    ``experts``: expert e's network gets a copy of every shared tensor and, as its one expert, expert e's tensors.
+    Perception (pattern head, router) is left out: callers take it from the model they name for it."""
     wanted = {str(e) for e in experts}
     out = {}
     for k, v in state.items():
         top = k.split(".", 1)[0]
         if top in ("pattern_head", "router"):
-            out[k] = v
-        elif top == "experts":
+            continue
+        if top == "experts":
             _, e, rest = k.split(".", 2)
             if e in wanted:
                 out[f"experts.{e}.experts.0.{rest}"] = v
@@ -502,6 +502,16 @@ def shared_to_network_experts(state: dict, experts) -> dict:
             for e in sorted(wanted, key=int):
                 out[f"experts.{e}.{k}"] = v.clone()
     return out
+
+
+def _perception_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] in ("pattern_head", "router")}
+
+
+def _check_shared_source(source: CLIPRPN, cfg: CLIPRPNConfig, what: str) -> None:
+    if source.config.expert_scope != "bottleneck" or not source.config.same_weights(cfg):
+        raise ValueError(f"{what} is not a shared-network model (expert_scope 'bottleneck') of the same config: "
+                         "assemble from checkpoints trained with the same widths, blocks and experts")
 
 
 def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
@@ -517,10 +527,8 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     for e, s in sources.items():
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
-        if s.config.expert_scope != "bottleneck" or not s.config.same_weights(shared):
-            raise ValueError(f"the source for expert {e} is not a shared-network model of the model's config")
-        state.update({k: v for k, v in shared_to_network_experts(s.state_dict(), [e]).items()
-                      if k.startswith("experts.")})  # perception stays the model's
+        _check_shared_source(s, shared, f"the source for expert {e}")
+        state.update(shared_to_network_experts(s.state_dict(), [e]))  # perception stays the model's
     out = CLIPRPN(cfg)
     out.load_state_dict(state)
     return out
@@ -535,12 +543,11 @@ def network_experts_from(sources: list, perception: CLIPRPN | None = None) -> CL
     if len(sources) != cfg.num_experts:
         raise ValueError(f"need one source per expert ({cfg.num_experts}), got {len(sources)}")
     for i, s in enumerate(sources):
-        if s.config.expert_scope != "bottleneck" or not s.config.same_weights(cfg):
-            raise ValueError(f"source {i} is not a shared-network model of the same config as the perception model")
+        _check_shared_source(s, cfg, f"source {i}")
     model = CLIPRPN(replace(cfg, expert_scope="network"))
     state = {}
     for e, s in enumerate(sources):
         state.update(shared_to_network_experts(s.state_dict(), [e]))
-    state.update({k: v for k, v in perception.state_dict().items() if k.split(".", 1)[0] in ("pattern_head", "router")})
+    state.update(_perception_state(perception.state_dict()))
     model.load_state_dict(state)
     return model
