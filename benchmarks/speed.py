@@ -2,8 +2,10 @@
 
   python -m benchmarks.speed [--checkpoint CKPT] [--threads 2]
 
-Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration;
-median and fastest of 5 after a warm-up; also with the expert check where it runs: both streak experts compared), peak RSS of a separate process deraining an 8-MP image with tiling,
+Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration, default options, so
+on the CPU the automatic CPU tiling; median and fastest of 5 after a warm-up; also untiled, and with the expert check
+where it runs: both streak experts compared), peak RSS of a separate process deraining an 8-MP image with the
+default (automatic) tiling,
 parameters and FLOPs per pixel of the model and of each expert.
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ def flops_of(fn) -> int:
     return fc.get_total_flops()
 
 
-def peak_rss_child(ck, threads, h, w, tile):
+def peak_rss_child(ck, threads, h, w, tile=None):
     code = f"""
 import resource, torch
 torch.set_num_threads({threads})
@@ -84,6 +86,12 @@ def main():
     med, best = timed(lambda: d.derain(x), a.repeats)
     res["seconds_per_megapixel_1MP"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_best"] = round(best / mp, 3)
+    res["auto_tile_1MP"] = d.auto_tile(None, 1024, 1024)
+    untiled = DerainOptions(tile=0)
+    d.derain(x, untiled)
+    med, best = timed(lambda: d.derain(x, untiled), a.repeats)
+    res["seconds_per_megapixel_1MP_untiled"] = round(med / mp, 3)
+    res["seconds_per_megapixel_1MP_untiled_best"] = round(best / mp, 3)
     # the expert check where it runs (both streak experts ranked first): two restorations, two residual masks
     med, best = timed(lambda: derain_checked(d, x), a.repeats)
     res["seconds_per_megapixel_1MP_expert_check"] = round(med / mp, 3)
@@ -111,9 +119,10 @@ def main():
                 per.append(round(flops_of(lambda e=e: e(b, model.ups[-1], feats[-2])) / s / s))
         res["flops_per_pixel_per_expert"] = per
     if not a.skip_memory:
-        gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264, 512)
-        res["peak_rss_GiB_8MP_tiled_512"] = round(gib, 3)
-        res["seconds_8MP_tiled_incl_startup"] = round(secs, 1)
+        gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264)
+        res["auto_tile_8MP"] = d.auto_tile(None, 2448, 3264)
+        res["peak_rss_GiB_8MP"] = round(gib, 3)
+        res["seconds_8MP_incl_startup"] = round(secs, 1)
     if a.cuda:
         res["cuda"] = cuda_figures(model)
     print(json.dumps(res, indent=2))

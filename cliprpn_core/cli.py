@@ -294,7 +294,8 @@ def build_parser():
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     d.add_argument("--tile", type=int_in(MIN_TILE, MAX_TILE, zero_ok=True), default=0,
-                   help=f"tile size in pixels, 0 or {MIN_TILE}..{MAX_TILE} (0: whole image, tiled automatically above 2 MP)")
+                   help=f"tile size in pixels, 0 or {MIN_TILE}..{MAX_TILE} (0: automatic: the whole image, tiled "
+                        "above 2 MP on a GPU and above about 0.3 MP on the CPU, where 384-px tiles run twice as fast)")
     d.add_argument("--overlap", type=int_in(0, MAX_OVERLAP), default=DEFAULT_OVERLAP,
                    help=f"tile overlap in pixels, 0..{MAX_OVERLAP} and below half the tile")
     d.add_argument("--self-ensemble", action="store_true",

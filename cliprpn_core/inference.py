@@ -16,6 +16,12 @@ from .patterns import EXPERTS, PATTERN_DIM
 MIN_SIDE = 8
 AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
 DEFAULT_TILE = 512
+# On the CPU, a full-resolution activation larger than glibc's ceiling for reusing freed memory (32 MiB, its largest
+# dynamic mmap threshold) is mapped fresh and page-faulted in at every allocation: a whole 1-MP image ran at about
+# 3.1 s/MP where 384-px tiles (activations of 27 MiB) ran at 1.5, overlap included (benchmarks/speed.py). So on the
+# CPU an image is tiled by the largest tile whose widest activation stays under CPU_TILE_BYTES, once the image is at
+# least twice that tile's area (below that the overlap costs more than the page faults).
+CPU_TILE_BYTES = 28 << 20
 DEFAULT_OVERLAP = 64
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -284,7 +290,8 @@ class DerainOptions:
 
     ``top_k``/``temperature``: the router's mix of experts per image; ``expert``: a manual choice of one
     expert for every image instead (never checked); ``tile``: tile side in pixels (None: the whole image,
-    tiled automatically above AUTO_TILE_PIXELS; 0: the whole image, never tiled) with ``overlap`` pixels
+    tiled automatically above AUTO_TILE_PIXELS, and on the CPU by cpu_tile_side once the image is twice its
+    area; 0: the whole image, never tiled) with ``overlap`` pixels
     of feathered overlap; ``self_ensemble``: average the restorations of the image and its horizontal,
     vertical and double flips (4 runs; flips keep streaks streak-like, 90° turns would not); ``passes``:
     restoration passes (None: the model's ``config.passes``; each pass restores the previous output with
@@ -338,6 +345,14 @@ class _Steps:
         self.done += n
 
 
+def cpu_tile_side(config, itemsize: int = 4) -> int:
+    """The side of the automatic CPU tile (see CPU_TILE_BYTES): the largest multiple of the model's padding multiple
+    whose widest full-resolution activation (``widths[0] * ffn_expand`` channels) fits in CPU_TILE_BYTES."""
+    m = config.pad_multiple
+    per_pixel = config.widths[0] * max(2, config.ffn_expand) * itemsize
+    return max(m, int((CPU_TILE_BYTES / per_pixel) ** 0.5) // m * m)
+
+
 class Derainer:
     """Model + optional CLIP perceiver on a device/dtype. Thread-compatible, stateless per call."""
 
@@ -347,6 +362,7 @@ class Derainer:
         self.model = model.eval().requires_grad_(False).to(self.device, self.dtype).to(memory_format=torch.channels_last)
         self.perceiver = perceiver
         self.multiple = model.config.pad_multiple
+        self.cpu_tile = cpu_tile_side(model.config, torch.empty((), dtype=self.dtype).element_size())
 
     # -- perception and routing -----------------------------------------------------------
     @torch.inference_mode()
@@ -376,9 +392,12 @@ class Derainer:
         h, w = rgb.shape[-2:]
         return _pad_to(rgb, self.multiple), alpha, c, h, w
 
-    def _auto_tile(self, tile, h, w):
-        if tile is None and h * w > AUTO_TILE_PIXELS:
-            return DEFAULT_TILE
+    def auto_tile(self, tile, h, w):
+        if tile is None:
+            if self.device.type == "cpu" and h * w >= 2 * self.cpu_tile ** 2:
+                return self.cpu_tile
+            if h * w > AUTO_TILE_PIXELS:
+                return DEFAULT_TILE
         return tile or None
 
     @torch.inference_mode()
@@ -387,7 +406,7 @@ class Derainer:
         which returns the image's mask so far [1,1,h',w'] on the CPU (0 where not yet estimated), its
         longer side at most ``max_side``; nothing is computed unless it is called."""
         rgb, _, _, h, w = self._prep(images)
-        tile = self._auto_tile(tile, h, w)
+        tile = self.auto_tile(tile, h, w)
         out = []
         for i in range(rgb.shape[0]):  # one image at a time bounds memory on large batches
             fn = lambda t: (torch.sigmoid(self.model.estimate_mask(  # noqa: E731
@@ -476,7 +495,7 @@ class Derainer:
         """Each image: the expert check (when on) picks its expert, then every flip of it is restored tile by
         tile and the flips are averaged. -> (images, masks), one [1,C,H,W] each per image."""
         h, w, b = batch.h, batch.w, batch.rgb.shape[0]
-        tile = self._auto_tile(opt.tile, h, w)
+        tile = self.auto_tile(opt.tile, h, w)
         flips = ENSEMBLE_FLIPS if opt.self_ensemble else ((),)
         n_tiles = count_tiles(h, w, tile, opt.overlap, self.multiple)
         cands = check_candidates(batch.routing, batch.ranking) if batch.check else None

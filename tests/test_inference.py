@@ -29,6 +29,34 @@ def test_tiled_matches_untiled(derainer):
     assert (full.masks - tiled.masks).abs().max() < 1e-3
 
 
+def test_cpu_tile_side_keeps_the_widest_activation_under_the_budget():
+    from cliprpn_core import CLIPRPNConfig
+    from cliprpn_core.inference import CPU_TILE_BYTES, cpu_tile_side
+    cfg = CLIPRPNConfig()  # the shipped widths: 24 channels, 48 in its widest full-resolution activation
+    side = cpu_tile_side(cfg)
+    assert side % cfg.pad_multiple == 0
+    assert side ** 2 * 48 * 4 <= CPU_TILE_BYTES < (side + cfg.pad_multiple) ** 2 * 48 * 4
+    assert cpu_tile_side(cfg, itemsize=2) > side  # half-precision activations: a larger tile
+
+
+def test_cpu_auto_tiling_only_for_large_images_and_matches_whole(tiny_model, monkeypatch):
+    from cliprpn_core import inference
+    monkeypatch.setattr(inference, "CPU_TILE_BYTES", 48 * 48 * 16 * 4)  # a 48-px tile for the tiny model
+    d = Derainer(tiny_model, device="cpu", dtype="fp32")
+    assert d.cpu_tile == 48
+    assert d.auto_tile(None, 64, 64) is None  # under twice the tile's area: whole
+    assert d.auto_tile(None, 96, 96) == 48
+    assert d.auto_tile(0, 96, 96) is None and d.auto_tile(80, 96, 96) == 80  # an explicit choice is kept
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 96, 112)
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    calls = []
+    auto = d.derain(x, routing=r, progress=lambda i, n: calls.append(n))
+    whole = d.derain(x, DerainOptions(tile=0), routing=r)
+    assert calls[-1] > 1  # it did tile
+    assert (auto.images - whole.images).abs().max() < 1e-3
+
+
 def test_tile_grid_aligned_and_covering():
     t, ov, grid = tile_grid(112, 160, 50, 20, 16)
     assert t == 48 and ov == 32
