@@ -351,6 +351,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)  # a bad value exits 2 with argparse's one-line message
+    if argv is None:  # a command of its own process (not a call from Python): keep freed memory for reuse
+        from .cpu_memory import reuse_freed_memory
+        reuse_freed_memory()
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -57,6 +57,39 @@ def test_cpu_auto_tiling_only_for_large_images_and_matches_whole(tiny_model, mon
     assert (auto.images - whole.images).abs().max() < 1e-3
 
 
+def test_no_cpu_tiling_where_freed_memory_is_reused(tiny_model, monkeypatch):
+    import threading
+
+    from cliprpn_core import cpu_memory, inference
+    monkeypatch.setattr(inference, "CPU_TILE_BYTES", 48 * 48 * 16 * 4)
+    d = Derainer(tiny_model, device="cpu", dtype="fp32")
+    monkeypatch.setattr(cpu_memory, "_applied", True)  # as in a CLI process
+    assert d.auto_tile(None, 96, 96) is None  # its main thread runs whole images
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(d.auto_tile(None, 96, 96)))
+    t.start()
+    t.join()
+    assert seen == [48]  # another thread (ComfyUI's worker) still tiles
+
+
+@pytest.mark.parametrize("env, want", [({}, True), ({"CLIPRPN_KEEP_MALLOC": "1"}, False),
+                                       ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
+def test_reuse_freed_memory_in_a_process_of_its_own(env, want):
+    import os
+    import subprocess
+    import sys
+
+    from cliprpn_core.cpu_memory import _glibc
+    if want and _glibc() is None:
+        pytest.skip("not glibc: the thresholds are left alone")
+    keep = {k: v for k, v in os.environ.items() if k not in ("CLIPRPN_KEEP_MALLOC", "MALLOC_MMAP_THRESHOLD_",
+                                                            "MALLOC_TRIM_THRESHOLD_")}
+    code = "from cliprpn_core import cpu_memory as m; print(m.reuse_freed_memory(), m.applied())"
+    out = subprocess.run([sys.executable, "-c", code], env={**keep, **env}, capture_output=True, text=True,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.stdout.split() == [str(want), str(want)]
+
+
 def test_tile_grid_aligned_and_covering():
     t, ov, grid = tile_grid(112, 160, 50, 20, 16)
     assert t == 48 and ov == 32
