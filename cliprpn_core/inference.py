@@ -18,7 +18,7 @@ AUTO_TILE_PIXELS = 2_000_000  # larger images are tiled automatically
 DEFAULT_TILE = 512
 # On the CPU, a full-resolution activation larger than glibc's ceiling for reusing freed memory (32 MiB, its largest
 # dynamic mmap threshold) is mapped fresh and page-faulted in at every allocation: a whole 1-MP image ran at about
-# 3.1 s/MP where 384-px tiles (activations of 27 MiB) ran at 1.5, overlap included (benchmarks/speed.py). So on the
+# 3.1 s/MP where 384-px tiles (activations of 27 MiB) ran at 1.5-1.7, overlap included (benchmarks/speed.py). So on the
 # CPU an image is tiled by the largest tile whose widest activation stays under CPU_TILE_BYTES, once the image is at
 # least twice that tile's area (below that the overlap costs more than the page faults), unless the process keeps
 # freed memory for reuse (cpu_memory, the CLI).
@@ -403,6 +403,8 @@ class Derainer:
         return _pad_to(rgb, self.multiple), alpha, c, h, w
 
     def auto_tile(self, tile, h, w):
+        """The tile an ``h`` x ``w`` image runs with: a given one (0 or None after it: whole), else on the CPU the CPU
+        tile (see CPU_TILE_BYTES), else DEFAULT_TILE above AUTO_TILE_PIXELS, else whole (None)."""
         if tile is None:
             if self.device.type == "cpu" and h * w >= 2 * self.cpu_tile ** 2 and not _freed_memory_reused():
                 return self.cpu_tile
