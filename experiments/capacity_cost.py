@@ -1,0 +1,55 @@
+"""What capacity would cost on the CPU: seconds per megapixel (1-MP image, the Derainer's default path, so the
+automatic CPU tiles; median of --repeats after a warm-up) and FLOPs per pixel of the shipped config and of larger
+variants of it. The variants are randomly initialised: this times them, it says nothing about their quality.
+
+  python experiments/capacity_cost.py [--threads 2] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import DEFAULT_CHECKPOINT  # noqa: E402
+from benchmarks.speed import flops_of, timed  # noqa: E402
+from cliprpn_core import CLIPRPN, Derainer, load_model  # noqa: E402
+
+VARIANTS = {
+    "shipped": {},
+    "full-res blocks 3+3 (enc/dec_blocks (3, 1))": {"enc_blocks": (3, 1), "dec_blocks": (3, 1)},
+    "every level 2+2 (enc/dec_blocks (2, 2))": {"enc_blocks": (2, 2), "dec_blocks": (2, 2)},
+    "expert blocks 4, middle 4": {"expert_blocks": 4, "middle_blocks": 4},
+    "widths 32/64/128": {"widths": (32, 64, 128)},
+    "two passes": {"passes": 2},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    base = load_model(DEFAULT_CHECKPOINT).config
+    x = torch.rand(1, 3, 1024, 1024)
+    xs = torch.rand(1, 3, 256, 256)
+    one = torch.zeros(1, base.num_experts)
+    one[0, 0] = 1
+    print(f"{'variant':46s} {'s/MP':>6s} {'kFLOP/px':>9s} {'CPU tile':>8s}")
+    for name, change in VARIANTS.items():
+        torch.manual_seed(0)
+        model = CLIPRPN(replace(base, **change)).eval()
+        d = Derainer(model)
+        d.derain(x)
+        med, _ = timed(lambda: d.derain(x), a.repeats)
+        with torch.no_grad():
+            fl = flops_of(lambda: model.restore(xs, one)) / 256 / 256
+        print(f"{name:46s} {med / 1.048576:6.2f} {fl / 1e3:9.1f} {d.auto_tile(None, 1024, 1024) or 0:8d}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
