@@ -516,17 +516,30 @@ def _check_shared_source(source: CLIPRPN, cfg: CLIPRPNConfig, what: str) -> None
 
 def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     """A copy of the network-scope ``model`` in which expert e's network is ``sources[e]``'s shared network with its
-    expert e (each source a bottleneck-scope model of the same config, e.g. a longer-trained light specialist); the
-    other experts' networks and perception stay ``model``'s."""
+    expert e (each source a bottleneck-scope model, e.g. a longer-trained light specialist); the other experts'
+    networks and perception stay ``model``'s. Sources with more blocks than ``model`` (one grown config for all of
+    them, e.g. a light network given a deeper bottleneck) are taken too: ``model`` is grown to their block counts
+    first (:func:`grow_from`: its other networks get identity blocks and compute what they computed)."""
     cfg = model.config
     if cfg.expert_scope != "network":
         raise ValueError("replace_network_experts needs a model whose experts are whole networks (expert_scope "
                          "'network'); build one from shared-network checkpoints with network_experts_from")
-    shared = replace(cfg, expert_scope="bottleneck")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for e, s in sources.items():
+    for e in sources:
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
+    shared = replace(cfg, expert_scope="bottleneck")
+    grown = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
+             and not s.config.same_weights(shared)]
+    if grown:
+        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes))
+        try:
+            grow_from(big, model)
+        except ValueError as err:
+            raise ValueError(f"a source's config is neither the model's nor a grown version of it: {err}") from None
+        model, cfg = big, big.config
+        shared = replace(cfg, expert_scope="bottleneck")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for e, s in sources.items():
         _check_shared_source(s, shared, f"the source for expert {e}")
         state.update(shared_to_network_experts(s.state_dict(), [e]))  # perception stays the model's
     out = CLIPRPN(cfg)

@@ -1,7 +1,8 @@
 """Build a model whose experts are whole networks (expert_scope "network") from shared-network checkpoints:
 expert e's network comes from the checkpoint given for it (its shared layers and its expert e), every other expert's
 from --base, perception (pattern head, router) from --base. --base may itself be a whole-network-expert model (the
-shipped one): then only the experts given are replaced.
+shipped one): then only the experts given are replaced, and a given network with more blocks (a grown config, e.g. a
+deeper bottleneck) grows the base's other networks with identity blocks to match.
 
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors

@@ -257,6 +257,32 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
         replace_network_experts(again, {1: again})
 
 
+def test_replace_network_experts_grows_the_base_for_a_deeper_source(tiny_model, tiny_network_model):
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core import CLIPRPN
+    from cliprpn_core.arch import grow_from, replace_network_experts
+    deeper_cfg = dc_replace(tiny_model.config, expert_blocks=tiny_model.config.expert_blocks + 1,
+                            middle_blocks=tiny_model.config.middle_blocks + 1)
+    deeper = CLIPRPN(deeper_cfg)
+    grow_from(deeper, tiny_model)
+    with torch.no_grad():
+        for p in deeper.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # trained: its added blocks open
+    m = replace_network_experts(tiny_network_model, {0: deeper}).eval()
+    assert m.config.expert_blocks == deeper_cfg.expert_blocks and m.config.expert_scope == "network"
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        for e in range(4):
+            r = torch.eye(4)[e:e + 1]
+            want = (deeper if e == 0 else tiny_network_model).eval()(x, routing=r).image
+            torch.testing.assert_close(m(x, routing=r).image, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.perceive(x), tiny_network_model.perceive(x))
+    wider = CLIPRPN(dc_replace(tiny_model.config, widths=tuple(2 * w for w in tiny_model.config.widths)))
+    with pytest.raises(ValueError, match="neither the model's nor a grown version"):
+        replace_network_experts(tiny_network_model, {0: wider})
+
+
 @pytest.mark.parametrize("scope", ["bottleneck", "network"])
 def test_one_expert_for_the_whole_batch_skips_the_weighted_sum_with_equal_outputs(scope, tiny_model,
                                                                                   tiny_network_model):
