@@ -484,6 +484,9 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     return new
 
 
+PERCEPTION_MODULES = ("pattern_head", "router")  # the top-level modules of perception (the rest restores)
+
+
 def shared_to_network_experts(state: dict, experts) -> dict:
     """The expert networks of a bottleneck-scope state dict as network-scope tensors, for the expert indices in
     ``experts``: expert e's network gets a copy of every shared tensor and, as its one expert, expert e's tensors.
@@ -492,7 +495,7 @@ def shared_to_network_experts(state: dict, experts) -> dict:
     out = {}
     for k, v in state.items():
         top = k.split(".", 1)[0]
-        if top in ("pattern_head", "router"):
+        if top in PERCEPTION_MODULES:
             continue
         if top == "experts":
             _, e, rest = k.split(".", 2)
@@ -505,7 +508,7 @@ def shared_to_network_experts(state: dict, experts) -> dict:
 
 
 def _perception_state(state: dict) -> dict:
-    return {k: v for k, v in state.items() if k.split(".", 1)[0] in ("pattern_head", "router")}
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] in PERCEPTION_MODULES}
 
 
 def _check_shared_source(source: CLIPRPN, cfg: CLIPRPNConfig, what: str) -> None:

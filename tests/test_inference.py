@@ -78,6 +78,7 @@ def test_reuse_freed_memory_in_a_process_of_its_own(env, want):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from cliprpn_core.cpu_memory import _glibc
     if want and _glibc() is None:
@@ -86,7 +87,7 @@ def test_reuse_freed_memory_in_a_process_of_its_own(env, want):
                                                             "MALLOC_TRIM_THRESHOLD_")}
     code = "from cliprpn_core import cpu_memory as m; print(m.reuse_freed_memory(), m.applied())"
     out = subprocess.run([sys.executable, "-c", code], env={**keep, **env}, capture_output=True, text=True,
-                         check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                         check=True, cwd=str(Path(__file__).resolve().parents[1]))
     assert out.stdout.split() == [str(want), str(want)]
 
 
