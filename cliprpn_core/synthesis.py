@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .patterns import ATTRIBUTE_NAMES, EXPERTS, expert_for_label
 
 REGIMES = EXPERTS
+EXPERT_FORM_WIDE = 1  # patterns.ATTRIBUTES["form"]: "wide streaks"
 KERNEL_SIZE = 73  # longest streak (70 px) + margin
 
 
@@ -122,7 +123,55 @@ def _drops(b, h, w, gen, device):
     return m
 
 
-STYLES = ("classic", "calibrated")
+STYLES = ("classic", "calibrated", "downpour")
+
+
+def _smooth_field(b, h, w, gen, device, cells=(3, 5)):
+    """A smooth random field [b,1,h,w] in -1..1: bicubic upsampling of a coarse grid of uniform noise."""
+    gh, gw = max(2, cells[0]), max(2, cells[1])
+    g = torch.rand((b, 1, gh, gw), generator=gen, device="cpu").to(device) * 2 - 1
+    return F.interpolate(g, size=(h, w), mode="bicubic", align_corners=True).clamp(-1, 1)
+
+
+def _blur(x, sigma):
+    """Per-image Gaussian blur of [b,1,h,w] by ``sigma`` ([b] tensor, px; 0 leaves the image alone)."""
+    b, _, h, w = x.shape
+    k = 2 * int(math.ceil(3 * float(sigma.max().clamp_min(0.3)))) + 1
+    r = torch.arange(k, device=x.device, dtype=torch.float32) - (k - 1) / 2
+    s = sigma.to(x.device).clamp_min(1e-3).view(-1, 1)
+    g = torch.exp(-0.5 * (r.view(1, -1) / s) ** 2)
+    g = g / g.sum(1, keepdim=True)
+    x = F.conv2d(F.pad(x.view(1, b, h, w), (k // 2, k // 2, 0, 0), mode="reflect"), g.view(b, 1, 1, k), groups=b)
+    x = F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="reflect"), g.view(b, 1, k, 1), groups=b)
+    return x.view(b, 1, h, w)
+
+
+def downpour(clean: torch.Tensor, gen: torch.Generator):
+    """Heavy rain as photographed (the "downpour" style of the heavy regime): streaks at three depths
+    under one wind direction (far: dense, thin, faint and defocused, the sheet texture of a
+    downpour; middle: the Rain200H-like streaks; near: sparse, wide, soft, out-of-focus streaks)
+    and an uneven rain accumulation (O = t (B + S) + (1 - t) A with a smooth transmission map t).
+    Returns (rainy, streak layer S, transmission t [b])."""
+    b, _, h, w = clean.shape
+    dev = clean.device
+    R = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)  # noqa: E731
+    base = torch.where(torch.rand(b, generator=gen) < 0.4, R(-5, 5), R(-30, 30))
+    layers = (  # density, length, width, brightness, blur sigma, angle jitter
+        (R(0.008, 0.025), R(8, 70), R(0.4, 0.9), R(0.03, 0.1), R(0.6, 1.6), R(-3, 3)),
+        (R(0.001, 0.005), R(30, 70), R(0.8, 1.8), R(0.1, 0.35), R(0.0, 0.6), R(-3, 3)),
+        (R(0.0, 0.0006), R(50, 70), R(2.0, 4.5), R(0.06, 0.18), R(1.5, 3.0), R(-3, 3)),
+    )
+    S = torch.zeros(b, 1, h, w, device=dev)
+    for dens, length, width, bright, sigma, jitter in layers:
+        L = streak_layer(b, h, w, dens, length.round(), (base + jitter).clamp(-40, 40), width, bright, gen, dev)
+        S = 1 - (1 - S) * (1 - _blur(L, sigma))
+    rainy = 1 - (1 - clean) * (1 - S.expand_as(clean))
+    t0 = R(0.65, 0.95)
+    t = (t0.to(dev).view(-1, 1, 1, 1) + R(0.03, 0.12).to(dev).view(-1, 1, 1, 1)
+         * _smooth_field(b, h, w, gen, dev)).clamp(0.4, 1)
+    A = (R(0.7, 1.0).view(-1, 1, 1, 1) + R(-0.04, 0.04).view(-1, 1, 1, 1) * torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1))
+    rainy = t * rainy + (1 - t) * A.to(dev).clamp(0, 1)
+    return rainy.clamp(0, 1), S, t0, base
 
 
 def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | None = None,
@@ -134,7 +183,9 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     streaks of even brightness; the shipped model was trained on it, and it scores better on
     Rain100L) or "calibrated" (light streaks matched to the statistics of the Rain200L training
     layers: fainter, tapered, lengths varying within an image, half of the images from the
-    noise-blur-levels generator)."""
+    noise-blur-levels generator) or "downpour" (classic, but heavy-streak images are rendered by
+    ``downpour``: streaks at three depths with defocus and an uneven accumulation veil, closer to
+    photographed downpours)."""
     if clean.dim() != 4 or clean.shape[1] != 3:
         raise ValueError(f"synthesize expects [B,3,H,W], got {tuple(clean.shape)}")
     if style not in STYLES:
@@ -216,6 +267,13 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     int_lab = torch.where(inten < 0.25, 0, torch.where(inten < 1.0, 1, 2))
     form = torch.where(drop, 2, torch.where(veil, 3, torch.where(width > 1.0, 1, 0)))
     ori = _orientation_label(angle)
+    if style == "downpour" and heavy.any():  # heavy images re-rendered after the classic draws
+        idx = heavy.nonzero().flatten().tolist()
+        r, S_d, _, base = downpour(clean[idx], gen)
+        rainy[idx] = r
+        mask[idx] = (S_d > 0.02).float() * 0.5 + 0.5 * S_d.clamp(0, 1)
+        dens_lab[idx], int_lab[idx], form[idx] = 2, 2, EXPERT_FORM_WIDE
+        ori[idx] = _orientation_label(base)
     labels = torch.stack([dens_lab, ori, int_lab, form], 1).long()
     expert = torch.tensor(regime, dtype=torch.long)
     assert labels.shape[1] == len(ATTRIBUTE_NAMES)

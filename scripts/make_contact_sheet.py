@@ -2,9 +2,11 @@
 
   python scripts/make_contact_sheet.py OLD.safetensors NEW.safetensors [--images ../shared/data/real_rain]
          [--count 8] [--width 320] [--out docs/real_rain_contact_sheet.jpg] [--labels "stage 6" "stage 7"]
+         [--names 001 008] [--expert heavy_streaks]
 
 The photos are chosen without looking at them: ``count`` evenly spaced files of the sorted folder (first and
-last included). Each row is one photo; the routing each model chose is printed under its column.
+last included), unless ``--names`` lists them (file names or stems). Each row is one photo; the routing each model
+chose is printed under its column. ``--expert`` forces one expert in both models (to compare one expert network).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.imageio import list_images, read_image, to_uint8
-from cliprpn_core.inference import Derainer
+from cliprpn_core.inference import Derainer, DerainOptions
 from cliprpn_core.patterns import EXPERTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +41,27 @@ def main(argv=None):
     ap.add_argument("--labels", nargs=2, default=["previous model", "new model"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "real_rain_contact_sheet.jpg"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--names", nargs="+", help="these photos (file names or stems) instead of evenly spaced ones")
+    ap.add_argument("--expert", choices=EXPERTS, help="force this expert in both models")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    files = evenly_spaced(list_images(a.images), a.count)
+    files = list_images(a.images)
+    if a.names:
+        by = {k: f for f in files for k in (f.name, f.stem)}
+        missing = [n for n in a.names if n not in by]
+        if missing:
+            ap.error(f"not in {a.images}: {', '.join(missing)}")
+        files = [by[n] for n in a.names]
+    else:
+        files = evenly_spaced(files, a.count)
+    opt = DerainOptions(expert=None if a.expert is None else EXPERTS.index(a.expert))
     models = [Derainer(load_model(p), device="cpu", dtype="fp32") for p in (a.old, a.new)]
     rows = []
     for f in files:
         x = read_image(f)
         cells = [(Image.fromarray(to_uint8(x)), f.name)]
         for d in models:
-            r = d.derain(x)
+            r = d.derain(x, opt)
             cells.append((Image.fromarray(to_uint8(r.images[0])), EXPERTS[int(r.routing[0].argmax())]))
         rows.append(cells)
     w = a.width
@@ -63,7 +76,8 @@ def main(argv=None):
         for j, (im, note) in enumerate(row):
             t = im.resize((w, round(im.height * w / im.width)), Image.LANCZOS)
             sheet.paste(t, (j * w, y))
-            draw.text((j * w + 6, y + t.height + 3), note if j == 0 else f"routed: {note}", fill="black")
+            label = note if j == 0 else (f"forced: {note}" if a.expert else f"routed: {note}")
+            draw.text((j * w + 6, y + t.height + 3), label, fill="black")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, quality=90)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -203,7 +205,6 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
     import copy
     import subprocess
     import sys
-    from pathlib import Path
 
     from cliprpn_core import load_model, save_model
     from cliprpn_core.arch import network_experts_from
@@ -302,3 +303,24 @@ def test_one_expert_for_the_whole_batch_skips_the_weighted_sum_with_equal_output
     torch.testing.assert_close(ml, ml2, atol=1e-6, rtol=0)
     for a, b in zip(pyr, pyr2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_contact_sheet_named_photos_and_forced_expert(tmp_path, tiny_ckpt):
+    import importlib.util
+
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location(
+        "make_contact_sheet", Path(__file__).resolve().parents[1] / "scripts" / "make_contact_sheet.py")
+    mcs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mcs)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 32), (60 * i, 90, 120)).save(photos / f"{i:03d}.png")
+    out = tmp_path / "sheet.jpg"
+    mcs.main([str(tiny_ckpt), str(tiny_ckpt), "--images", str(photos), "--names", "002", "000.png",
+              "--expert", "heavy_streaks", "--width", "40", "--out", str(out), "--threads", "1"])
+    sheet = Image.open(out)
+    assert sheet.width == 3 * 40 and sheet.height == 26 + 2 * (32 + 18)  # two rows: the photos named
+    with pytest.raises(SystemExit):
+        mcs.main([str(tiny_ckpt), str(tiny_ckpt), "--images", str(photos), "--names", "009", "--out", str(out)])

@@ -120,3 +120,33 @@ def test_noise_streaks_follow_threshold_and_angle():
     assert torch.equal(layer(1.0, 0.0, seed=3), layer(1.0, 0.0, seed=3))
     for angle, label in [(-25.0, 1), (0.0, 0), (25.0, 2)]:
         assert orientation_class(layer(1.0, angle)).tolist() == [label, label]
+
+
+def test_downpour_renders_heavy_images_only_and_labels_them_dense_heavy_wide():
+    c = _clean(6)
+    regime = [0, 1, 2, 3, 1, 0]
+    classic = synthesize(c, torch.Generator().manual_seed(2), regime=regime)
+    dp = synthesize(c, torch.Generator().manual_seed(2), regime=regime, style="downpour")
+    other = [0, 2, 3, 5]
+    assert torch.equal(dp.rainy[other], classic.rainy[other])  # the classic draws come first, unchanged
+    assert torch.equal(dp.labels[other], classic.labels[other])
+    heavy = [1, 4]
+    assert not torch.allclose(dp.rainy[heavy], classic.rainy[heavy])
+    assert dp.labels[heavy][:, [0, 2, 3]].tolist() == [[2, 2, 1]] * 2  # dense, heavy, wide streaks
+    assert (dp.expert[heavy] == 1).all()
+
+
+def test_downpour_has_defocused_streaks_and_an_uneven_veil():
+    from cliprpn_core.synthesis import downpour
+    c = torch.full((4, 3, 128, 128), 0.2)
+    rainy, S, t0, _ = downpour(c, torch.Generator().manual_seed(0))
+    assert rainy.shape == c.shape and S.shape == (4, 1, 128, 128)
+    assert ((t0 >= 0.65) & (t0 <= 0.95)).all()
+    d = (rainy - c).mean(1)  # a flat dark background: rain and veil lighten it
+    assert (d.mean((1, 2)) > 0.02).all()
+
+    # the transmission map varies smoothly over the image: a few cells of noise, no pixel noise
+    from cliprpn_core.synthesis import _smooth_field
+    f = _smooth_field(4, 128, 128, torch.Generator().manual_seed(0), "cpu")
+    assert f.abs().max() <= 1 and (f.flatten(1).std(1) > 0.1).all()
+    assert (f[..., 1:, :] - f[..., :-1, :]).abs().max() < 0.1  # smooth between neighbours
