@@ -18,6 +18,7 @@ EXIT_CODES = (f"exit codes: {EXIT_OK} all done, {EXIT_FAILED} nothing done (mode
               f"{EXIT_USAGE} bad command line (nothing done), {EXIT_PARTIAL} some images failed, "
               f"{EXIT_INTERRUPTED} interrupted (finished outputs kept; rerun to resume)")
 
+SYNTH_STYLES = ("classic", "calibrated", "downpour")  # synthesis.STYLES, without importing torch here
 MAX_TILE = 16384
 MIN_TILE = 128
 MAX_OVERLAP = 512
@@ -337,7 +338,7 @@ def build_parser():
     s.add_argument("-n", "--count", type=int_in(1, 10_000_000), default=100, help="pairs to write, >= 1")
     s.add_argument("--size", type=int_in(32, 4096), default=256, help="square crop side in pixels, 32..4096")
     s.add_argument("--seed", type=int_in(0), default=0)
-    s.add_argument("--style", default="classic", choices=["classic", "calibrated"],
+    s.add_argument("--style", default="classic", choices=SYNTH_STYLES,
                    help="streak style (see cliprpn_core.synthesis.synthesize)")
     s.set_defaults(fn=cmd_synth)
     f = sub.add_parser("fetch-clip", help="download a supported CLIP model (online machines)")

@@ -105,3 +105,19 @@ def test_synth_writes_labelled_set(tmp_path, capsys):
     labels = json.loads((tmp_path / "syn" / "labels.json").read_text())
     assert len(labels) == 3 and {"density", "orientation", "intensity", "form", "expert"} <= set(labels["00000.png"])
     assert Image.open(tmp_path / "syn" / "rain" / "00002.png").size == (96, 96)
+
+
+def test_synth_offers_every_synthesis_style():
+    from cliprpn_core.cli import SYNTH_STYLES
+    from cliprpn_core.synthesis import STYLES
+    assert SYNTH_STYLES == STYLES
+
+
+def test_train_module_entry_point_is_the_cli(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "cliprpn_core.train_cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: cliprpn train" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "cliprpn_core.train_cli", str(tmp_path / "missing.toml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: config") and "Traceback" not in r.stderr
