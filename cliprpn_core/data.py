@@ -175,9 +175,11 @@ class PairedSource:
     orientation from the rain layer's structure tensor; a mask from the rain layer. A folder with
     ``layer/`` instead of ``rain/`` (the compact pack of scripts/pack_gpu_data.py) gives rainy = clean + layer.
     ``light_share`` (None: every pair equally likely) makes light pairs that share of the draws, heavy the rest,
-    however many of each there are (with only one kind present, that kind is drawn)."""
+    however many of each there are (with only one kind present, that kind is drawn). ``vflip``: half of the crops
+    are also flipped upside down (drawn after the crops, so the crops are those of ``vflip=False``)."""
 
-    def __init__(self, roots, min_side=96, light_share=None):
+    def __init__(self, roots, min_side=96, light_share=None, vflip=False):
+        self.vflip = bool(vflip)
         pairs = []
         for r in [roots] if isinstance(roots, (str, Path)) else roots:
             packed = (Path(r) / "layer").is_dir() and not (Path(r) / "rain").is_dir()
@@ -205,6 +207,9 @@ class PairedSource:
         else:
             picks = torch.multinomial(self.draw_weights, n, replacement=True, generator=gen).tolist()
         rainy, clean = random_crops(self.rain, n, size, gen, device, partners=self.gt, indices=picks)
+        if self.vflip:
+            up = (torch.rand(n, generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
+            rainy, clean = torch.where(up, rainy.flip(-2), rainy), torch.where(up, clean.flip(-2), clean)
         heavy = torch.tensor([self.heavy[i] for i in picks])
         layer = (rainy - clean).mean(1, keepdim=True)
         mask = (layer > 0.03).float() * 0.5 + 0.5 * layer.clamp(0, 1)

@@ -43,6 +43,7 @@ class TrainConfig:
     pair_dirs: list = field(default_factory=list)  # real rain/gt pairs
     pair_fraction: float = 0.1  # share of each batch from pair_dirs
     pair_light_share: float = -1.0  # share of the pair draws that are light-rain pairs (< 0: every pair alike)
+    pair_vflip: bool = False  # also flip half of the pair crops upside down (streaks stay streaks; more views)
     layer_dirs: list = field(default_factory=list)  # real rain layers of these pairs over clean_dirs
     layer_fraction: float = 0.0  # share of each batch from layer_dirs
     layer_rotation: float = 15.0  # real layers are turned by up to this many degrees
@@ -52,7 +53,7 @@ class TrainConfig:
     layer_mix: float = 0.0  # share of real-layer draws that get a second layer of the same kind added
     norain_fraction: float = 0.0  # share of each batch that is rain-free clean crops (target = input)
     regime_probs: list = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.15])
-    synth_style: str = "classic"  # synthesis.STYLES: classic (the shipped model's) or calibrated
+    synth_style: str = "classic"  # synthesis.STYLES: classic (the shipped model's), calibrated or downpour
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
     mask_weight: float = 0.1
@@ -287,7 +288,8 @@ class Trainer:
             w.append(1.0 - (self.cfg.pair_fraction if self.cfg.pair_dirs else 0.0))
         if self.cfg.pair_dirs:
             srcs.append(PairedSource(self.cfg.pair_dirs, min_side=self.cfg.patch_size,
-                                     light_share=None if self.cfg.pair_light_share < 0 else self.cfg.pair_light_share))
+                                     light_share=None if self.cfg.pair_light_share < 0 else self.cfg.pair_light_share,
+                                     vflip=self.cfg.pair_vflip))
             w.append(self.cfg.pair_fraction if self.cfg.clean_dirs else 1.0)
         if self.cfg.layer_dirs and self.cfg.layer_fraction > 0:
             from .data import RainLayerSource

@@ -349,6 +349,20 @@ def test_pair_light_share_sets_light_vs_heavy_pair_draws(tmp_path, data_dirs):
     assert (paired.batch(16, 32, gen, "cpu").expert == 1).all()
 
 
+def test_pair_vflip_flips_half_of_the_same_crops_upside_down(tmp_path, data_dirs):
+    from cliprpn_core.data import PairedSource
+    plain = PairedSource([data_dirs[1]], min_side=32).batch(64, 32, torch.Generator().manual_seed(5), "cpu")
+    flip = PairedSource([data_dirs[1]], min_side=32, vflip=True).batch(64, 32, torch.Generator().manual_seed(5), "cpu")
+    same = [(flip.rainy[i] == plain.rainy[i]).all().item() for i in range(64)]
+    up = [(flip.rainy[i] == plain.rainy[i].flip(-2)).all().item() and (flip.clean[i] == plain.clean[i].flip(-2)).all().item()
+          for i in range(64)]
+    assert all(a or b for a, b in zip(same, up))  # each crop is the plain one, or it upside down (rain and clean alike)
+    assert 16 < sum(up) < 48 and sum(same) > 16
+    t = Trainer(_cfg(tmp_path, data_dirs, pair_fraction=1.0, pair_vflip=True), progress=False)
+    paired = t.source.sources[-1] if hasattr(t.source, "sources") else t.source
+    assert paired.vflip
+
+
 def test_layer_mix_adds_a_second_layer_of_the_same_kind(tmp_path, data_dirs):
     from cliprpn_core.data import RainLayerSource
     clean, pairs = data_dirs
