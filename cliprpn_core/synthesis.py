@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .patterns import ATTRIBUTE_NAMES, EXPERTS, expert_for_label
+from .patterns import ATTRIBUTE_NAMES, ATTRIBUTES, EXPERTS, expert_for_label
 
 REGIMES = EXPERTS
-EXPERT_FORM_WIDE = 1  # patterns.ATTRIBUTES["form"]: "wide streaks"
+FORM_WIDE_STREAKS = ATTRIBUTES["form"].index("wide streaks")  # the form label of downpour streaks
 KERNEL_SIZE = 73  # longest streak (70 px) + margin
 
 
@@ -151,7 +151,7 @@ def downpour(clean: torch.Tensor, gen: torch.Generator):
     under one wind direction (far: dense, thin, faint and defocused, the sheet texture of a
     downpour; middle: the Rain200H-like streaks; near: sparse, wide, soft, out-of-focus streaks)
     and an uneven rain accumulation (O = t (B + S) + (1 - t) A with a smooth transmission map t).
-    Returns (rainy, streak layer S, transmission t [b])."""
+    Returns (rainy [b,3,h,w], streak layer S [b,1,h,w], mean transmission [b], wind angle [b] in degrees)."""
     b, _, h, w = clean.shape
     dev = clean.device
     R = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)  # noqa: E731
@@ -272,7 +272,7 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
         r, S_d, _, base = downpour(clean[idx], gen)
         rainy[idx] = r
         mask[idx] = (S_d > 0.02).float() * 0.5 + 0.5 * S_d.clamp(0, 1)
-        dens_lab[idx], int_lab[idx], form[idx] = 2, 2, EXPERT_FORM_WIDE
+        dens_lab[idx], int_lab[idx], form[idx] = 2, 2, FORM_WIDE_STREAKS
         ori[idx] = _orientation_label(base)
     labels = torch.stack([dens_lab, ori, int_lab, form], 1).long()
     expert = torch.tensor(regime, dtype=torch.long)
