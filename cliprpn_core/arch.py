@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPRPNConfig, check_passes
+from .config import HEAD_VIEW_GRID, CLIPRPNConfig, check_passes
 from .patterns import NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
 
 
@@ -85,6 +85,27 @@ class PatternHead(nn.Module):
         f = self.features(torch.cat([x, hp * 4], 1))
         f = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
         return self.fc(f)  # logits [B, PATTERN_DIM]
+
+
+def head_views(x: torch.Tensor, side: int, grid: int = HEAD_VIEW_GRID):
+    """The crops the pattern head views an image in (``config.head_view``): ``None`` when ``side`` is 0 or the image
+    is at most ``side`` pixels in both directions or under it in one (the head then sees the whole image), else
+    (crops [B * n, C, side, side], n). The image is first downscaled (antialiased) to a shorter side of at most
+    ``grid * side``; the crops lie on an even grid of ceil(extent / side) positions per axis, at most ``grid``,
+    from edge to edge (overlapping where the extent is not a multiple of ``side``)."""
+    h, w = x.shape[-2:]
+    if not side or max(h, w) <= side or min(h, w) < side:
+        return None
+    if min(h, w) > grid * side:
+        s = grid * side / min(h, w)
+        h, w = max(side, round(h * s)), max(side, round(w * s))
+        x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
+
+    def starts(n):
+        k = min(grid, -(-n // side))
+        return [round(i * (n - side) / (k - 1)) for i in range(k)] if k > 1 else [0]
+    crops = [x[..., y:y + side, c:c + side] for y in starts(h) for c in starts(w)]
+    return torch.stack(crops, 1).flatten(0, 1), len(crops)
 
 
 def pattern_probs(logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -348,8 +369,15 @@ class CLIPRPN(Restorer):
 
     # -- pieces usable on their own -------------------------------------------------------
     def perceive(self, x: torch.Tensor) -> torch.Tensor:
-        """Pattern-head logits [B, PATTERN_DIM] (CLIP-free perception)."""
-        return self.pattern_head(x)
+        """Pattern-head logits [B, PATTERN_DIM] (CLIP-free perception). With ``config.head_view`` the head sees
+        crops of that side (:func:`head_views`) and the result is the log of their mean per-attribute probabilities
+        (so :func:`pattern_probs` of it gives those means)."""
+        views = head_views(x, self.config.head_view)
+        if views is None:
+            return self.pattern_head(x)
+        crops, n = views
+        probs = pattern_probs(self.pattern_head(crops)).view(x.shape[0], n, -1).mean(1)
+        return probs.clamp_min(1e-12).log().to(crops.dtype)
 
     def estimate_mask(self, x, routing=None):
         """Fused rain-mask logits at the (padded) input resolution. Network-scope experts each have their own

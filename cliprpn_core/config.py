@@ -9,6 +9,7 @@ from .patterns import EXPERTS
 FORMAT_NAME = "clip-rpn"
 FORMAT_VERSION = 1
 MAX_PASSES = 8
+HEAD_VIEW_GRID = 4  # crops per side at most when the pattern head views an image in crops (head_view)
 EXPERT_SCOPES = ("bottleneck", "network")
 
 
@@ -36,6 +37,11 @@ class CLIPRPNConfig:
     attn_window: int = 3  # each query attends to the window x window tokens around its cell
     head_width: int = 32  # CLIP-free pattern head
     head_size: int = 256  # pattern head sees the image resized to this square
+    # what the pattern head is shown of an image larger than this many pixels per side: 0 = the whole image resized to
+    # head_size (as older models); N = crops of N x N pixels on a grid over the image (at most HEAD_VIEW_GRID per side,
+    # the image first downscaled to a shorter side of at most HEAD_VIEW_GRID * N), their pattern probabilities
+    # averaged. Training shows the head patch_size crops, so N = patch_size shows it rain at the scale it learned.
+    head_view: int = 0
     passes: int = 1  # restoration passes: each pass restores the previous pass's output (shared weights)
     # "bottleneck": experts are bottleneck blocks plus one refinement level; the encoder, masks, cross-attention and
     # decoder are shared by all rain types. "network": every expert is a whole restoration network of its own (encoder,
@@ -60,12 +66,14 @@ class CLIPRPNConfig:
         if self.attn_window % 2 != 1:
             raise ValueError("attn_window must be odd")
         check_passes(self.passes)
+        if self.head_view < 0:
+            raise ValueError(f"head_view must be 0 (whole image) or a crop side in pixels, got {self.head_view}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
-        """True when the two configs describe the same tensors (they may differ in ``passes``)."""
-        return replace(self, passes=other.passes) == other
+        """True when the two configs describe the same tensors (they may differ in ``passes`` and ``head_view``)."""
+        return replace(self, passes=other.passes, head_view=other.head_view) == other
 
     @property
     def scale_factor(self) -> int:

@@ -25,6 +25,8 @@ VARIANTS = {
     "expert blocks 4, middle 4": {"expert_blocks": 4, "middle_blocks": 4},
     "widths 32/64/128": {"widths": (32, 64, 128)},
     "two passes": {"passes": 2},
+    "stage 24 grown (bottleneck 8+8, half-res 2+2, expert refinement 2)": {
+        "expert_blocks": 8, "middle_blocks": 8, "enc_blocks": (1, 2), "dec_blocks": (1, 2), "expert_dec_blocks": 2},
 }
 
 

@@ -6,11 +6,13 @@ deeper bottleneck) grows the base's other networks with identity blocks to match
 
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --head-view 128 -o runs/view.safetensors
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="checkpoint giving perception and the other experts (shared-network or whole-network experts)")
     ap.add_argument("--expert", action="append", default=[], metavar="NAME=CKPT",
                     help=f"expert name ({', '.join(EXPERTS)}) or index = the checkpoint its network comes from")
+    ap.add_argument("--head-view", type=int, default=None, metavar="N",
+                    help="set the output's config.head_view (what the pattern head sees: 0 = the whole image resized, "
+                         "N = crops of N px, their probabilities averaged); default: the base's. Weights are unchanged")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
     base = load_model(a.base)
@@ -43,6 +48,11 @@ def main(argv=None) -> int:
         model = replace_network_experts(base, {e: loaded[p] for e, p in enumerate(paths) if p != a.base})
     else:
         model = network_experts_from([loaded[p] for p in paths], perception=base)
+    if a.head_view is not None:
+        try:
+            model.config = replace(model.config, head_view=a.head_view)
+        except ValueError as e:
+            ap.error(str(e))
     kept = " (its own network)" if base.config.expert_scope == "network" else ""
     save_model(model, a.out, extra_meta={"assembled_from": {
         EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}})

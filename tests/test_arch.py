@@ -130,6 +130,65 @@ def test_passes_config_default_validation_and_same_weights():
     assert set(m.state_dict()) == set(CLIPRPN(a).state_dict())
 
 
+def test_head_views_grid_and_when_the_whole_image_is_shown():
+    from cliprpn_core.arch import head_views
+    assert head_views(torch.rand(1, 3, 40, 60), 0) is None  # 0: the whole image (older models)
+    assert head_views(torch.rand(1, 3, 32, 32), 32) is None  # a training-sized patch: itself
+    assert head_views(torch.rand(1, 3, 20, 90), 32) is None  # thinner than a crop: the whole image
+    x = torch.rand(2, 3, 70, 100)
+    crops, n = head_views(x, 32)
+    assert n == 3 * 4 and crops.shape == (2 * 12, 3, 32, 32)
+    # from edge to edge: the first crop is the top-left corner, the last the bottom-right one, per image
+    assert torch.equal(crops[0], x[0, :, :32, :32]) and torch.equal(crops[11], x[0, :, -32:, -32:])
+    assert torch.equal(crops[12], x[1, :, :32, :32])
+    big, n = head_views(torch.rand(1, 3, 400, 300), 32)  # shorter side above 4 crops: downscaled to 128 first
+    assert n == 16 and big.shape == (16, 3, 32, 32)
+
+
+def test_perceive_with_head_view_averages_the_crops_probabilities(tiny_model):
+    from dataclasses import replace
+
+    from cliprpn_core.arch import head_views
+    m = tiny_model.eval()
+    x = torch.rand(2, 3, 48, 80)
+    with torch.no_grad():
+        whole = m.perceive(x)
+        m.config = replace(m.config, head_view=32)
+        viewed = pattern_probs(m.perceive(x))
+        crops, n = head_views(x, 32)
+        want = pattern_probs(m.pattern_head(crops)).view(2, n, -1).mean(1)
+        torch.testing.assert_close(viewed, want)
+        assert not torch.allclose(viewed, pattern_probs(whole))
+        patch = torch.rand(3, 3, 32, 32)  # what training shows the head: unchanged by the view
+        torch.testing.assert_close(m.perceive(patch), m.pattern_head(patch))
+        assert m(x).routing.shape == (2, m.config.num_experts)
+
+
+def test_head_view_config_default_validation_and_checkpoint(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    from cliprpn_core import load_model, save_model
+    from cliprpn_core.arch import network_experts_from
+    assert CLIPRPNConfig.from_dict({}).head_view == 0  # checkpoints written before the option: the whole image
+    with pytest.raises(ValueError, match="head_view"):
+        tiny_config(head_view=-1)
+    assert tiny_config().same_weights(tiny_config(head_view=32))  # no tensor depends on it
+    shipped_kind = network_experts_from([tiny_model] * 4, perception=tiny_model)  # whole-network experts
+    save_model(shipped_kind, tmp_path / "m.safetensors")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_experts.py"
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "m.safetensors"), "--head-view", "32",
+                          "-o", str(tmp_path / "v.safetensors")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    v, m = load_model(tmp_path / "v.safetensors"), load_model(tmp_path / "m.safetensors")
+    assert v.config.head_view == 32 and m.config.head_view == 0
+    for (k, a), (k2, b) in zip(sorted(v.state_dict().items()), sorted(m.state_dict().items())):
+        assert k == k2 and torch.equal(a, b), k
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "m.safetensors"), "--head-view", "-5",
+                          "-o", str(tmp_path / "b.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "head_view" in bad.stderr and not (tmp_path / "b.safetensors").exists()
+
+
 def test_route_pattern_is_the_one_routing_step(tiny_model):
     from cliprpn_core.arch import route_pattern
     router = tiny_model.router
