@@ -243,8 +243,8 @@ class Expert(nn.Module):
 
 @dataclass
 class CLIPRPNOutput:
-    image: torch.Tensor  # [B,3,H,W] restored (not clamped during training)
-    mask_logits: torch.Tensor  # [B,1,H,W] fused rain-mask logits
+    image: torch.Tensor | None  # [B,3,H,W] restored (not clamped during training); None if not restored
+    mask_logits: torch.Tensor | None  # [B,1,H,W] fused rain-mask logits
     mask_pyramid: list  # per-level logits
     routing: torch.Tensor  # [B,E] expert weights used
     pattern_logits: torch.Tensor | None  # pattern head logits when it ran
@@ -440,11 +440,12 @@ class CLIPRPN(Restorer):
         return images, mask_logits, pyramid
 
     def forward(self, x, routing=None, pattern_logits=None, top_k=1, temperature=1.0, override=None,
-                mask=None, with_pattern=False, passes=None, own_routing=None) -> CLIPRPNOutput:
+                mask=None, with_pattern=False, passes=None, own_routing=None, restore=True) -> CLIPRPNOutput:
         """``routing`` given: use it (training routes by synthetic labels). ``with_pattern``: also run
         the pattern head and router so their losses share this forward (one DDP forward).
         ``own_routing`` (bool [B], with ``routing``): these samples go where the model's own router
-        sends them instead (its top expert), from the same pattern-head pass."""
+        sends them instead (its top expert), from the same pattern-head pass. ``restore=False``: perception
+        and routing only (training perception alone); the output's image and masks are None."""
         if pattern_logits is None and (routing is None or with_pattern or own_routing is not None):
             pattern_logits = self.perceive(x)
         router_logits = None
@@ -457,6 +458,8 @@ class CLIPRPN(Restorer):
         elif own_routing is not None:
             own = route(router_logits.detach().float(), top_k=1).to(routing.dtype)
             routing = torch.where(own_routing.to(routing.device).view(-1, 1), own, routing)
+        if not restore:
+            return CLIPRPNOutput(None, None, [], routing, pattern_logits, router_logits)
         images, ml, pyr = self.restore_passes(x, routing, mask, passes)
         return CLIPRPNOutput(images[-1], ml, pyr, routing, pattern_logits, router_logits, images[:-1])
 

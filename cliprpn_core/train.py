@@ -247,6 +247,9 @@ class Trainer:
         # perception is trained (and run) only while any of it is trainable
         self.train_perception = any(p.requires_grad for n, p in self.model.named_parameters()
                                     if n.startswith(("pattern_head.", "router.")))
+        # only perception trains: the restoration networks are not run at all (a small fraction of the compute)
+        self.perception_only = self.train_perception and not any(
+            p.requires_grad for n, p in self.model.named_parameters() if not n.startswith(("pattern_head.", "router.")))
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -321,6 +324,8 @@ class Trainer:
         rainy, clean = batch.rainy, batch.clean
         if self.cfg.channels_last:
             rainy = rainy.contiguous(memory_format=torch.channels_last)
+        if self.perception_only:
+            return self._perception_losses(rainy, batch)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             expert = batch.expert if self.cfg.route_all_to < 0 else torch.full_like(batch.expert, self.cfg.route_all_to)
             routing = F.one_hot(expert, self.model.config.num_experts).float()  # synthetic labels route
@@ -360,12 +365,31 @@ class Trainer:
                     balance=float(bal.detach()), total=float(total.detach()))
         return total, terms, logs
 
+    def _perception_losses(self, rainy, batch):
+        """The losses when only the pattern head and the router train: their cross-entropies (and the balance term)
+        from a perception-only forward; no restoration runs, so there are no image terms for the schedule."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.net(rainy, routing=F.one_hot(batch.expert, self.model.config.num_experts).float(),
+                           with_pattern=True, restore=False)
+        ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
+                 for i, c in enumerate(out.pattern_logits.split(list(NUM_CLASSES), -1)))
+        rlog = out.router_logits.float()
+        rce = F.cross_entropy(rlog, batch.expert)
+        bal = self.balance(rlog, batch.expert)
+        total = self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
+        if self.cfg.balance_weight:
+            total = total + self.cfg.balance_weight * bal
+        logs = dict(pattern_ce=float(ce.detach()), router_ce=float(rce.detach()), balance=float(bal.detach()),
+                    total=float(total.detach()))
+        return total, {}, logs
+
     def train_step(self):
         self.optim.set_lr(self.step)
         batch = self.source.batch(self.cfg.batch_size, self.cfg.patch_size, self.gen, self.device)
         total, terms, logs = self.compute_losses(batch)
         gn = self.optim(total, lambda: f"non-finite loss at step {self.step}: {logs}; lower lr or check the data")
-        self.schedule.observe({k: float(v.detach()) for k, v in terms.items()})
+        if terms:
+            self.schedule.observe({k: float(v.detach()) for k, v in terms.items()})
         d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for pe, pm in zip(self.ema.parameters(), self.model.parameters()):

@@ -299,6 +299,24 @@ def test_misroute_with_a_trainable_head_runs_the_head_once(tmp_path, data_dirs):
     assert t.model.pattern_head.fc[0].weight.grad is not None
 
 
+def test_perception_alone_trains_without_running_the_restoration(tmp_path, data_dirs):
+    t = Trainer(_cfg(tmp_path, data_dirs, trainable=["pattern_head", "router"], steps=4), progress=False)
+    assert t.train_perception and t.perception_only
+    ran = []
+    t.model.intro.register_forward_hook(lambda *a: ran.append(1))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    logs = [t.train_step() for _ in range(3)]
+    assert not ran  # the restoration never ran
+    assert all(np.isfinite(r["total"]) and r["pattern_ce"] > 0 and "psnr" not in r for r in logs)
+    after = t.model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith(("pattern_head.", "router.")) for k in moved)
+    out = t.fit()  # the last step, the files and the loss curve without image terms
+    assert load_model(out).config == t.model.config
+    assert not Trainer(_cfg(tmp_path / "b", data_dirs, trainable=["pattern_head", "decoders"]),
+                       progress=False).perception_only
+
+
 def _mixed_pairs(tmp_path, pairs):
     """A pair folder of the two heavy pairs of ``pairs`` and one light pair (a copy named light_0)."""
     mixed = tmp_path / "mixed"
