@@ -375,8 +375,9 @@ class CLIPRPN(Restorer):
         views = head_views(x, self.config.head_view)
         if views is None:
             return self.pattern_head(x)
-        crops, n = views
-        probs = pattern_probs(self.pattern_head(crops)).view(x.shape[0], n, -1).mean(1)
+        crops, n = views  # the head runs on at most HEAD_VIEW_GRID**2 crops at once, whatever the batch
+        logits = torch.cat([self.pattern_head(c) for c in crops.split(HEAD_VIEW_GRID ** 2)])
+        probs = pattern_probs(logits).view(x.shape[0], n, -1).mean(1)
         return probs.clamp_min(1e-12).log().to(crops.dtype)
 
     def estimate_mask(self, x, routing=None):
