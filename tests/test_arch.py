@@ -150,7 +150,7 @@ def test_perceive_with_head_view_averages_the_crops_probabilities(tiny_model):
 
     from cliprpn_core.arch import head_views
     m = tiny_model.eval()
-    x = torch.rand(3, 3, 70, 100)  # 12 crops each: 36, run in chunks
+    x = torch.rand(3, 3, 72, 100)  # 12 crops each: 36, run in chunks
     with torch.no_grad():
         whole = m.perceive(x)
         m.config = replace(m.config, head_view=32)
