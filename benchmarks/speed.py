@@ -107,7 +107,9 @@ def main():
     one[0, 0] = 1
     with torch.no_grad():
         res["flops_per_pixel_restore_top1"] = round(flops_of(lambda: model.restore(xs, one)) / s / s)
-        res["flops_per_pixel_pattern_head_at_1MP"] = round(flops_of(lambda: model.perceive(xs)) / 1e6)
+        # what the head is shown of a 1-MP image: one 256-px copy, or (config.head_view) up to 16 crops
+        res["flops_per_pixel_pattern_head_at_1MP"] = round(
+            flops_of(lambda: model.perceive(torch.rand(1, 3, 1024, 1024))) / 1024 / 1024)
         per = []
         if cfg.expert_scope == "network":  # each expert is a whole network
             for e in model.experts:

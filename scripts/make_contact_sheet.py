@@ -11,17 +11,18 @@ chose is printed under its column. ``--expert`` forces one expert in both models
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from cliprpn_core.checkpoint import load_model
-from cliprpn_core.imageio import list_images, read_image, to_uint8
-from cliprpn_core.inference import Derainer, DerainOptions
-from cliprpn_core.patterns import EXPERTS
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing the package
+from cliprpn_core.checkpoint import load_model  # noqa: E402
+from cliprpn_core.imageio import list_images, read_image, to_uint8  # noqa: E402
+from cliprpn_core.inference import Derainer, DerainOptions  # noqa: E402
+from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
 
 def evenly_spaced(files, count):
