@@ -141,8 +141,10 @@ def test_head_views_grid_and_when_the_whole_image_is_shown():
     # from edge to edge: the first crop is the top-left corner, the last the bottom-right one, per image
     assert torch.equal(crops[0], x[0, :, :32, :32]) and torch.equal(crops[11], x[0, :, -32:, -32:])
     assert torch.equal(crops[12], x[1, :, :32, :32])
-    big, n = head_views(torch.rand(1, 3, 400, 300), 32)  # shorter side above 4 crops: downscaled to 128 first
-    assert n == 16 and big.shape == (16, 3, 32, 32)
+    big, n = head_views(torch.rand(1, 3, 400, 300), 32)  # shorter side above 3 crops: downscaled to 96 x 128 first
+    assert n == 4 * 3 and big.shape == (12, 3, 32, 32)
+    assert head_views(torch.rand(1, 3, 1000, 1000), 32)[1] == 9
+    assert head_views(torch.rand(1, 3, 96, 500), 32)[1] == 3 * 4  # not downscaled: at most 4 crops along an axis
 
 
 def test_perceive_with_head_view_averages_the_crops_probabilities(tiny_model):
