@@ -567,7 +567,8 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     grown = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
              and not s.config.same_weights(shared)]
     if grown:
-        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes))
+        # perception (and how it views an image) stays the model's
+        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view))
         try:
             grow_from(big, model)
         except ValueError as err:

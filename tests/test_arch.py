@@ -191,6 +191,18 @@ def test_head_view_config_default_validation_and_checkpoint(tmp_path, tiny_model
     assert bad.returncode == 2 and "head_view" in bad.stderr and not (tmp_path / "b.safetensors").exists()
 
 
+def test_replacing_an_expert_by_a_grown_network_keeps_the_models_head_view(tiny_model):
+    from dataclasses import replace
+
+    from cliprpn_core.arch import network_experts_from, replace_network_experts
+    base = network_experts_from([tiny_model] * 4, perception=tiny_model)
+    base.config = replace(base.config, head_view=32)
+    grown = CLIPRPN(replace(tiny_model.config, middle_blocks=2))  # a deeper light network
+    out = replace_network_experts(base, {0: grown})
+    assert out.config.middle_blocks == 2 and out.config.head_view == 32
+    assert replace_network_experts(base, {0: tiny_model}).config.head_view == 32
+
+
 def test_route_pattern_is_the_one_routing_step(tiny_model):
     from cliprpn_core.arch import route_pattern
     router = tiny_model.router
