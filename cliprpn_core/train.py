@@ -244,12 +244,12 @@ class Trainer:
                              f"got {cfg.route_all_to}")
         if not 0.0 <= cfg.misroute_fraction <= 1.0:
             raise ValueError(f"misroute_fraction must be in [0, 1], got {cfg.misroute_fraction}")
-        # perception is trained (and run) only while any of it is trainable
-        self.train_perception = any(p.requires_grad for n, p in self.model.named_parameters()
-                                    if n.startswith(("pattern_head.", "router.")))
-        # only perception trains: the restoration networks are not run at all (a small fraction of the compute)
-        self.perception_only = self.train_perception and not any(
-            p.requires_grad for n, p in self.model.named_parameters() if not n.startswith(("pattern_head.", "router.")))
+        # perception is trained (and run) only while any of it is trainable; when nothing else is, the restoration
+        # networks are not run at all (a small fraction of the compute)
+        perceives = [n.startswith(("pattern_head.", "router.")) for n, p in self.model.named_parameters()
+                     if p.requires_grad]
+        self.train_perception = any(perceives)
+        self.perception_only = self.train_perception and all(perceives)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -349,14 +349,8 @@ class Trainer:
         for p in pyr:
             ml = ml + 0.25 * self.mask_loss(p.float(), F.adaptive_avg_pool2d(batch.mask, p.shape[-2:]))
         if self.train_perception:
-            ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
-                     for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
-            rlog = rlog.float()
-            rce = F.cross_entropy(rlog, batch.expert)
-            bal = self.balance(rlog, batch.expert)
-            total = total + self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
-            if self.cfg.balance_weight:
-                total = total + self.cfg.balance_weight * bal
+            perception, ce, rce, bal = self._perception_terms(plog, rlog, batch)
+            total = total + perception
         else:
             ce = rce = bal = torch.zeros((), device=img.device)
         total = total + self.cfg.mask_weight * ml
@@ -365,20 +359,26 @@ class Trainer:
                     balance=float(bal.detach()), total=float(total.detach()))
         return total, terms, logs
 
+    def _perception_terms(self, plog, rlog, batch):
+        """Perception's losses from pattern and router logits: (their weighted sum, pattern cross-entropy, router
+        cross-entropy, balance term)."""
+        ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
+                 for i, c in enumerate(plog.split(list(NUM_CLASSES), -1)))
+        rlog = rlog.float()
+        rce = F.cross_entropy(rlog, batch.expert)
+        bal = self.balance(rlog, batch.expert)
+        total = self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
+        if self.cfg.balance_weight:
+            total = total + self.cfg.balance_weight * bal
+        return total, ce, rce, bal
+
     def _perception_losses(self, rainy, batch):
         """The losses when only the pattern head and the router train: their cross-entropies (and the balance term)
         from a perception-only forward; no restoration runs, so there are no image terms for the schedule."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.net(rainy, routing=F.one_hot(batch.expert, self.model.config.num_experts).float(),
                            with_pattern=True, restore=False)
-        ce = sum(F.cross_entropy(c.float(), batch.labels[:, i])
-                 for i, c in enumerate(out.pattern_logits.split(list(NUM_CLASSES), -1)))
-        rlog = out.router_logits.float()
-        rce = F.cross_entropy(rlog, batch.expert)
-        bal = self.balance(rlog, batch.expert)
-        total = self.cfg.pattern_weight * ce + self.cfg.router_weight * rce
-        if self.cfg.balance_weight:
-            total = total + self.cfg.balance_weight * bal
+        total, ce, rce, bal = self._perception_terms(out.pattern_logits, out.router_logits, batch)
         logs = dict(pattern_ce=float(ce.detach()), router_ce=float(rce.detach()), balance=float(bal.detach()),
                     total=float(total.detach()))
         return total, {}, logs
