@@ -584,6 +584,34 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     return out
 
 
+def shared_network_of(model: CLIPRPN, expert: int) -> CLIPRPN:
+    """Expert ``expert``'s network of the network-scope ``model`` as a shared-network (bottleneck-scope) model, the
+    inverse of :func:`replace_network_experts` for that expert: its shared layers are that network's, its expert
+    ``expert`` is that network's expert, and each other expert j gets network j's expert block (so the file is
+    complete; a run that trains one expert alone never uses them). Perception is ``model``'s. Used to train one
+    shipped expert network further: ``replace_network_experts`` puts the result back."""
+    cfg = model.config
+    if cfg.expert_scope != "network":
+        raise ValueError("shared_network_of needs a model whose experts are whole networks (expert_scope 'network')")
+    if not 0 <= expert < cfg.num_experts:
+        raise ValueError(f"expert {expert} is out of range: the model has {cfg.num_experts} experts")
+    mine = f"experts.{expert}."
+    state = {}
+    for k, v in model.state_dict().items():
+        top = k.split(".", 1)[0]
+        if top in PERCEPTION_MODULES:
+            state[k] = v.clone()
+            continue
+        _, e, rest = k.split(".", 2)
+        if rest.startswith("experts.0."):
+            state[f"experts.{e}.{rest[len('experts.0.'):]}"] = v.clone()
+        elif k.startswith(mine):
+            state[rest] = v.clone()
+    out = CLIPRPN(replace(cfg, expert_scope="bottleneck"))
+    out.load_state_dict(state)
+    return out
+
+
 def network_experts_from(sources: list, perception: CLIPRPN | None = None) -> CLIPRPN:
     """A network-scope model whose expert e is ``sources[e]``'s network with its expert e (each source a
     bottleneck-scope model of one config, e.g. a light-rain specialist for expert 0 and the general model for

@@ -7,6 +7,12 @@ deeper bottleneck) grows the base's other networks with identity blocks to match
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --head-view 128 -o runs/view.safetensors
+
+--extract NAME does the inverse: it writes expert NAME's network of a whole-network-expert --base as a shared-network
+model (its perception included), the form training starts from (``init``) and --expert takes back:
+
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --extract light_streaks \
+      -o runs/light_network.safetensors
 """
 from __future__ import annotations
 
@@ -17,9 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cliprpn_core.arch import network_experts_from, replace_network_experts  # noqa: E402
+from cliprpn_core.arch import network_experts_from, replace_network_experts, shared_network_of  # noqa: E402
 from cliprpn_core.checkpoint import file_sha256, load_model, save_model  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
+
+
+def _expert_index(name: str, n: int) -> int:
+    """Expert name or index -> index, or -1 if it is neither."""
+    e = int(name) if name.isdigit() else (EXPERTS.index(name) if name in EXPERTS else -1)
+    return e if 0 <= e < n else -1
 
 
 def main(argv=None) -> int:
@@ -30,16 +42,33 @@ def main(argv=None) -> int:
     ap.add_argument("--head-view", type=int, default=None, metavar="N",
                     help="set the output's config.head_view (what the pattern head sees: 0 = the whole image resized, "
                          "N = crops of N px, their probabilities averaged); default: the base's. Weights are unchanged")
+    ap.add_argument("--extract", metavar="NAME",
+                    help="write expert NAME's network of a whole-network-expert --base as a shared-network model "
+                         "(to train it further); takes no --expert or --head-view")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
     base = load_model(a.base)
+    if a.extract is not None:
+        if a.expert or a.head_view is not None:
+            ap.error("--extract takes no --expert or --head-view")
+        e = _expert_index(a.extract, base.config.num_experts)
+        if e < 0:
+            ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
+        try:
+            model = shared_network_of(base, e)
+        except ValueError as err:
+            ap.error(f"{a.base}: {err}")
+        save_model(model, a.out, extra_meta={"extracted_from": f"{a.base} sha256:{file_sha256(a.base)[:16]} "
+                                                                 f"expert {EXPERTS[e]}"})
+        print(f"wrote {a.out}: {EXPERTS[e]}'s network of {a.base} as a shared-network model")
+        return 0
     paths = [a.base] * base.config.num_experts
     for spec in a.expert:
         name, sep, path = spec.partition("=")
         if not sep:
             ap.error(f"--expert wants NAME=CKPT, got {spec!r}")
-        e = int(name) if name.isdigit() else (EXPERTS.index(name) if name in EXPERTS else -1)
-        if not 0 <= e < base.config.num_experts:
+        e = _expert_index(name, base.config.num_experts)
+        if e < 0:
             ap.error(f"unknown expert {name!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
         paths[e] = path
     loaded = {p: load_model(p) for p in set(paths) - {a.base}} | {a.base: base}  # each file read once

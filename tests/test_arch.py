@@ -397,3 +397,50 @@ def test_contact_sheet_named_photos_and_forced_expert(tmp_path, tiny_ckpt):
     assert sheet.width == 3 * 40 and sheet.height == 26 + 2 * (32 + 18)  # two rows: the photos named
     with pytest.raises(SystemExit):
         mcs.main([str(tiny_ckpt), str(tiny_ckpt), "--images", str(photos), "--names", "009", "--out", str(out)])
+
+
+def test_shared_network_of_inverts_replace(tmp_path, tiny_network_model):
+    """One expert's network taken out of a whole-network-expert model runs as that expert does inside it, and put
+    back by replace_network_experts gives the same tensors; the script's --extract writes it."""
+    import subprocess
+    import sys
+
+    from cliprpn_core import load_model, save_model
+    from cliprpn_core.arch import replace_network_experts, shared_network_of
+    m = tiny_network_model
+    with torch.no_grad():  # make the networks differ, so taking the wrong one shows
+        for name, p in m.named_parameters():
+            if name.startswith("experts."):
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(1, 3, 16, 16)
+    for e in range(m.config.num_experts):
+        net = shared_network_of(m, e).eval()
+        assert net.config.expert_scope == "bottleneck" and net.config.head_view == m.config.head_view
+        r = torch.eye(m.config.num_experts)[e:e + 1]
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, routing=r).image, m(x, routing=r).image, atol=1e-5, rtol=0)
+            torch.testing.assert_close(net.perceive(x), m.perceive(x))
+        back = replace_network_experts(m, {e: net})
+        for (k, v), (k2, v2) in zip(sorted(back.state_dict().items()), sorted(m.state_dict().items())):
+            assert k == k2 and torch.equal(v, v2), k
+    with pytest.raises(ValueError, match="whole networks"):
+        shared_network_of(shared_network_of(m, 0), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        shared_network_of(m, m.config.num_experts)
+    save_model(m, tmp_path / "net.safetensors")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_experts.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net.safetensors"), *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    out = run("--extract", "heavy_streaks", "-o", str(tmp_path / "heavy.safetensors"))
+    assert out.returncode == 0, out.stderr
+    got = load_model(tmp_path / "heavy.safetensors")
+    for (k, v), (k2, v2) in zip(sorted(got.state_dict().items()), sorted(shared_network_of(m, 1).state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    bad = run("--extract", "snow", "-o", str(tmp_path / "x.safetensors"))
+    assert bad.returncode == 2 and "unknown expert 'snow'" in bad.stderr and not (tmp_path / "x.safetensors").exists()
+    bad = run("--extract", "0", "--head-view", "64", "-o", str(tmp_path / "x.safetensors"))
+    assert bad.returncode == 2 and "takes no --expert" in bad.stderr
+    save_model(got, tmp_path / "shared.safetensors")
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "shared.safetensors"), "--extract", "0",
+                          "-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "whole networks" in bad.stderr
