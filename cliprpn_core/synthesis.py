@@ -123,7 +123,7 @@ def _drops(b, h, w, gen, device):
     return m
 
 
-STYLES = ("classic", "calibrated", "downpour")
+STYLES = ("classic", "calibrated", "downpour", "mixed")
 
 
 def _smooth_field(b, h, w, gen, device, cells=(3, 5)):
@@ -185,7 +185,8 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     layers: fainter, tapered, lengths varying within an image, half of the images from the
     noise-blur-levels generator) or "downpour" (classic, but heavy-streak images are rendered by
     ``downpour``: streaks at three depths with defocus and an uneven accumulation veil, closer to
-    photographed downpours)."""
+    photographed downpours) or "mixed" (classic, with each heavy-streak image rendered by ``downpour``
+    with probability 1/2: both kinds of heavy rain for one heavy network)."""
     if clean.dim() != 4 or clean.shape[1] != 3:
         raise ValueError(f"synthesize expects [B,3,H,W], got {tuple(clean.shape)}")
     if style not in STYLES:
@@ -267,8 +268,9 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     int_lab = torch.where(inten < 0.25, 0, torch.where(inten < 1.0, 1, 2))
     form = torch.where(drop, 2, torch.where(veil, 3, torch.where(width > 1.0, 1, 0)))
     ori = _orientation_label(angle)
-    if style == "downpour" and heavy.any():  # heavy images re-rendered after the classic draws
-        idx = heavy.nonzero().flatten().tolist()
+    pour = heavy if style == "downpour" else heavy & (torch.rand(b, generator=gen) < 0.5) if style == "mixed" else None
+    if pour is not None and pour.any():  # heavy images re-rendered after the classic draws
+        idx = pour.nonzero().flatten().tolist()
         r, S_d, _, base = downpour(clean[idx], gen)
         rainy[idx] = r
         mask[idx] = (S_d > 0.02).float() * 0.5 + 0.5 * S_d.clamp(0, 1)

@@ -136,6 +136,20 @@ def test_downpour_renders_heavy_images_only_and_labels_them_dense_heavy_wide():
     assert (dp.expert[heavy] == 1).all()
 
 
+def test_mixed_style_renders_some_heavy_images_as_downpours_and_keeps_the_rest_classic():
+    c = _clean(16)
+    regime = [1] * 12 + [0, 2, 3, 0]
+    classic = synthesize(c, torch.Generator().manual_seed(5), regime=regime)
+    mixed = synthesize(c, torch.Generator().manual_seed(5), regime=regime, style="mixed")
+    same = [i for i in range(16) if torch.equal(mixed.rainy[i], classic.rainy[i])]
+    assert set(range(12, 16)) <= set(same)  # light, drops, veil: the classic draws, unchanged
+    poured = [i for i in range(12) if i not in same]
+    assert 0 < len(poured) < 12  # about half of the heavy images (12 draws at 1/2: both kinds all but surely)
+    assert mixed.labels[poured][:, [0, 2, 3]].tolist() == [[2, 2, 1]] * len(poured)
+    again = synthesize(c, torch.Generator().manual_seed(5), regime=regime, style="mixed")
+    assert torch.equal(again.rainy, mixed.rainy)  # seeded: the same draw every time
+
+
 def test_downpour_has_defocused_streaks_and_an_uneven_veil():
     from cliprpn_core.synthesis import downpour
     c = torch.full((4, 3, 128, 128), 0.2)
