@@ -18,7 +18,7 @@ EXIT_CODES = (f"exit codes: {EXIT_OK} all done, {EXIT_FAILED} nothing done (mode
               f"{EXIT_USAGE} bad command line (nothing done), {EXIT_PARTIAL} some images failed, "
               f"{EXIT_INTERRUPTED} interrupted (finished outputs kept; rerun to resume)")
 
-SYNTH_STYLES = ("classic", "calibrated", "downpour")  # synthesis.STYLES, without importing torch here
+SYNTH_STYLES = ("classic", "calibrated", "downpour", "mixed")  # synthesis.STYLES, without importing torch here
 MAX_TILE = 16384
 MIN_TILE = 128
 MAX_OVERLAP = 512
