@@ -268,8 +268,12 @@ def synthesize(clean: torch.Tensor, gen: torch.Generator, regime: list[int] | No
     int_lab = torch.where(inten < 0.25, 0, torch.where(inten < 1.0, 1, 2))
     form = torch.where(drop, 2, torch.where(veil, 3, torch.where(width > 1.0, 1, 0)))
     ori = _orientation_label(angle)
-    pour = heavy if style == "downpour" else heavy & (torch.rand(b, generator=gen) < 0.5) if style == "mixed" else None
-    if pour is not None and pour.any():  # heavy images re-rendered after the classic draws
+    pour = None  # the heavy images re-rendered as downpours, after the classic draws
+    if style == "downpour":
+        pour = heavy
+    elif style == "mixed":
+        pour = heavy & (torch.rand(b, generator=gen) < 0.5)
+    if pour is not None and pour.any():
         idx = pour.nonzero().flatten().tolist()
         r, S_d, _, base = downpour(clean[idx], gen)
         rainy[idx] = r
