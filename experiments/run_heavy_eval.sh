@@ -6,7 +6,7 @@
 #        experiments/run_heavy_eval.sh N full [THREADS]        the shipped model with this heavy network, by the ship
 #                                                               rule's benchmarks
 set -euo pipefail
-N=${1:?stage}; O=runs/stage${N}_cmp; mkdir -p $O; R=$(ls -d runs/stage${N}_heavy)
+N=${1:?stage}; O=runs/stage${N}_cmp; mkdir -p $O; R=runs/stage${N}_heavy
 S=models/clip_rpn_default.safetensors; M=$O/routed_final.safetensors
 case ${2:?curve or full} in
   curve)
