@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Evaluation of a heavy-network stage (experiments/stage28_heavy_grown.toml, stage30_heavy_with_light.toml; reading and
-# ship rule in their headers). Outputs in runs/stageN_cmp/.
+# Evaluation of a heavy-network stage (experiments/stage28_heavy_grown.toml, stage30_heavy_with_light.toml,
+# stage32_heavy_grown_third.toml; reading and ship rule in their headers). Outputs in runs/stageN_cmp/.
 # Usage: experiments/run_heavy_eval.sh N curve STEP [THREADS]  heavy network alone at a snapshot: heavy_test, and
 #                                                               (from stage 30 on) Rain100L, the cost of a misroute
 #        experiments/run_heavy_eval.sh N full [THREADS]        the shipped model with this heavy network, by the ship
@@ -18,14 +18,9 @@ case ${2:?curve or full} in
   full)
     T=${3:-2}
     python scripts/assemble_experts.py --base $S --expert heavy_streaks=$R/model.safetensors -o $M
-    python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads $T | tee $O/routed.txt
-    python -m benchmarks.synthetic_regimes $M --threads $T | tee $O/synthetic.txt
+    experiments/eval_assembled.sh $M $T $O/routed.txt $O/synthetic.txt $O/contact_routed $O/full.txt
     python scripts/make_contact_sheet.py $S $M --expert heavy_streaks --labels "previous model" "new model" \
       --out $O/contact_forced_heavy.jpg --threads $T | tee $O/contact_forced_heavy.txt
-    python scripts/make_contact_sheet.py $S $M --labels "previous model" "new model" --out $O/contact_routed.jpg \
-      --threads $T | tee $O/contact_routed.txt
     python -m benchmarks.evaluate $M --sets heavy_train --threads $T | tee $O/heavy_train.txt
-    python -m benchmarks.evaluate $M --sets rain100l heavy_test --experts --check --self-ensemble --threads $T \
-      | tee $O/full.txt
     ;;
 esac

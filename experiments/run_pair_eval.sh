@@ -15,10 +15,6 @@ O=runs/stage${G}_cmp; mkdir -p $O
 if [ "${4:-}" = full ]; then
   M=$O/${N}_routed_$S.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --expert light_streaks="$C" -o $M
-  python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads $T | tee $O/${N}_routed_$S.txt
-  python -m benchmarks.synthetic_regimes $M --threads $T | tee -a $O/${N}_routed_$S.txt
-  python scripts/make_contact_sheet.py models/clip_rpn_default.safetensors $M \
-    --labels "previous model" "new model" --out $O/${N}_contact_$S.jpg --threads $T | tee $O/${N}_contact_$S.txt
-  python -m benchmarks.evaluate $M --sets rain100l heavy_test --experts --check --self-ensemble \
-    --threads $T | tee $O/${N}_full_$S.txt
+  experiments/eval_assembled.sh $M $T $O/${N}_routed_$S.txt $O/${N}_routed_$S.txt $O/${N}_contact_$S \
+    $O/${N}_full_$S.txt
 fi
