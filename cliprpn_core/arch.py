@@ -90,15 +90,17 @@ class PatternHead(nn.Module):
 def head_views(x: torch.Tensor, side: int, grid: int = HEAD_VIEW_GRID, short: int = HEAD_VIEW_SHORT):
     """The crops the pattern head views an image in (``config.head_view``): ``None`` when ``side`` is 0 or the image
     is at most ``side`` pixels in both directions or under it in one (the head then sees the whole image), else
-    (crops [B * n, C, side, side], n). An image whose shorter side is above ``short * side`` (384 px for 128-px
-    crops; the training photos are 321 x 481) is first downscaled (antialiased) to that shorter side; the crops lie on
-    an even grid of ceil(extent / side) positions per axis, at most ``grid``, from edge to edge (overlapping where the
-    extent is not a multiple of ``side``): 12 crops for a 481 x 321 or a 4:3 photo, 9 for a square one."""
+    (crops [B * n, C, side, side], n). An image whose shorter side is above ``short`` pixels (at least ``side``; 321 by
+    default, the training photos' 481 x 321) is first downscaled (antialiased) to that shorter side, so that the rain of
+    a large photo is seen at the scale the head learned it; the crops lie on an even grid of ceil(extent / side)
+    positions per axis, at most ``grid``, from edge to edge (overlapping where the extent is not a multiple of
+    ``side``): 12 crops of 128 px for a 481 x 321 or a 4:3 photo, 9 for a square one."""
     h, w = x.shape[-2:]
     if not side or max(h, w) <= side or min(h, w) < side:
         return None
-    if min(h, w) > short * side:
-        s = short * side / min(h, w)
+    short = max(int(short), side)
+    if min(h, w) > short:
+        s = short / min(h, w)
         h, w = max(side, round(h * s)), max(side, round(w * s))
         x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
 

@@ -10,7 +10,9 @@ FORMAT_NAME = "clip-rpn"
 FORMAT_VERSION = 1
 MAX_PASSES = 8
 HEAD_VIEW_GRID = 4  # crops per side at most when the pattern head views an image in crops (head_view)
-HEAD_VIEW_SHORT = 3  # ... and an image is first downscaled to a shorter side of at most this many crops
+# ... and an image is first downscaled (antialiased) to a shorter side of at most this many pixels: the training photos'
+# (481 x 321), so that a large photo's rain is seen at the scale the head learned it (benchmarks/perception_scale.py)
+HEAD_VIEW_SHORT = 321
 EXPERT_SCOPES = ("bottleneck", "network")
 
 
@@ -40,7 +42,7 @@ class CLIPRPNConfig:
     head_size: int = 256  # pattern head sees the image resized to this square
     # what the pattern head is shown of an image larger than this many pixels per side: 0 = the whole image resized to
     # head_size (as older models); N = crops of N x N pixels on a grid over the image (at most HEAD_VIEW_GRID per side,
-    # the image first downscaled to a shorter side of at most HEAD_VIEW_SHORT * N), their pattern probabilities
+    # the image first downscaled to a shorter side of at most HEAD_VIEW_SHORT pixels), their pattern probabilities
     # averaged. Training shows the head patch_size crops, so N = patch_size shows it rain at the scale it learned.
     head_view: int = 0
     passes: int = 1  # restoration passes: each pass restores the previous pass's output (shared weights)

@@ -141,10 +141,26 @@ def test_head_views_grid_and_when_the_whole_image_is_shown():
     # from edge to edge: the first crop is the top-left corner, the last the bottom-right one, per image
     assert torch.equal(crops[0], x[0, :, :32, :32]) and torch.equal(crops[11], x[0, :, -32:, -32:])
     assert torch.equal(crops[12], x[1, :, :32, :32])
-    big, n = head_views(torch.rand(1, 3, 400, 300), 32)  # shorter side above 3 crops: downscaled to 96 x 128 first
+    big, n = head_views(torch.rand(1, 3, 400, 300), 32, short=96)  # shorter side above 96: downscaled to 96 x 128 first
     assert n == 4 * 3 and big.shape == (12, 3, 32, 32)
-    assert head_views(torch.rand(1, 3, 1000, 1000), 32)[1] == 9
-    assert head_views(torch.rand(1, 3, 96, 500), 32)[1] == 3 * 4  # not downscaled: at most 4 crops along an axis
+    assert head_views(torch.rand(1, 3, 1000, 1000), 32, short=96)[1] == 9
+    assert head_views(torch.rand(1, 3, 96, 500), 32, short=96)[1] == 3 * 4  # not downscaled: at most 4 along an axis
+    assert head_views(torch.rand(1, 3, 100, 100), 32, short=16)[1] == 1  # never below one crop
+
+
+def test_head_views_show_a_large_photo_at_the_training_photos_scale():
+    """The shipped view (128-px crops): an image of the training photos' size (481 x 321) is cut as it is; a photo
+    three times as large is first brought down to that size, so its crops show the same scene at the same scale."""
+    import torch.nn.functional as F
+    from cliprpn_core.arch import head_views
+    g = torch.Generator().manual_seed(0)
+    scene = torch.rand(1, 3, 12, 17, generator=g)  # a smooth scene, drawn at 481 x 321 and at three times that
+    x, large = (F.interpolate(scene, size=(321 * k, 481 * k), mode="bilinear", align_corners=True) for k in (1, 3))
+    native, n = head_views(x, 128)
+    assert n == 3 * 4 and torch.equal(native[0], x[0, :, :128, :128])  # not rescaled
+    seen, m = head_views(large, 128)
+    assert m == n and (seen - native).abs().mean() < 0.005  # the same crops of the same scene
+    assert (head_views(large, 128, short=384)[0] - native).abs().mean() > 0.05  # brought to 384 px: a closer view
 
 
 def test_perceive_with_head_view_averages_the_crops_probabilities(tiny_model):

@@ -222,3 +222,26 @@ def test_speed_timing_reports_median_and_fastest(monkeypatch):
     assert len(calls) == 3
     with pytest.raises(ValueError, match="--repeats"):
         speed.timed(lambda: None, 0)
+
+
+def test_perception_scale_counts_routes_per_factor_against_the_native_size(tmp_path, tiny_ckpt, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    ps = _load("perception_scale")
+    rng = np.random.default_rng(0)
+    for folder, n in ((tmp_path / "paired" / "rain", 3), (tmp_path / "photos", 2)):  # a paired set, a plain folder
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.setattr(ps, "DATA", tmp_path)
+    res = ps.main(["--checkpoint", str(tiny_ckpt), "--sets", "paired", "photos", "--factors", "2",
+                   "--threads", "1", "--json", str(tmp_path / "r.json")])
+    assert res["factors"] == [1.0, 2.0]  # the native size is always measured: agreement is counted against it
+    for name, n in (("paired", 3), ("photos", 2)):
+        rows = res["sets"][name]["by_factor"]
+        assert res["sets"][name]["images"] == n and list(rows) == ["x1", "x2"]
+        assert rows["x1"]["as_native"] == n and 0 <= rows["x2"]["as_native"] <= n
+        assert all(sum(r["experts"].values()) == n for r in rows.values())
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
+    with pytest.raises(SystemExit, match="no data set 'absent'"):
+        ps.main(["--checkpoint", str(tiny_ckpt), "--sets", "absent"])
