@@ -3,10 +3,12 @@
   python -m benchmarks.speed [--checkpoint CKPT] [--threads 2]
 
 Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration, default options, so
-on the CPU the automatic CPU tiling; median and fastest of 5 after a warm-up; also untiled, and with the expert check
-where it runs: both streak experts compared), peak RSS of a separate process deraining an 8-MP image with the
-default (automatic) tiling,
-parameters and FLOPs per pixel of the model and of each expert.
+the working size (the image restored at a shorter side of 321 px, inference.WORK_SIDE) and on the CPU the automatic
+CPU tiling; median and fastest of 5 after a warm-up), the same at full size (``work_side = 0``: the networks' own
+cost per pixel, what every figure before the working size measured), at full size untiled, and at full size with the
+expert check where it runs (both streak experts compared); peak RSS of a separate process deraining an 8-MP image
+with the default options and at full size (automatic tiling); parameters and FLOPs per pixel of the model and of
+each expert.
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ from cliprpn_core import Derainer, DerainOptions, load_model
 from .common import DEFAULT_CHECKPOINT, ROOT
 
 
+FULL = DerainOptions(work_side=0)  # restored at full size
+
+
 def derain_checked(d: Derainer, x: torch.Tensor):
-    """Derain ``x`` as an image the expert check compares two experts for (both streak experts ranked first)."""
-    return d.derain(x, DerainOptions(check=True), routing=torch.zeros(1, 4),
+    """Derain ``x`` at full size as an image the expert check compares two experts for (both streak experts ranked
+    first)."""
+    return d.derain(x, DerainOptions(check=True, work_side=0), routing=torch.zeros(1, 4),
                     ranking=torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
 
 
@@ -51,14 +57,14 @@ def flops_of(fn) -> int:
     return fc.get_total_flops()
 
 
-def peak_rss_child(ck, threads, h, w, tile=None):
+def peak_rss_child(ck, threads, h, w, tile=None, work_side=None):
     code = f"""
 import resource, torch
 torch.set_num_threads({threads})
 from cliprpn_core import Derainer, DerainOptions, load_model
 d = Derainer(load_model({str(ck)!r}))
 x = torch.rand(1, 3, {h}, {w})
-r = d.derain(x, DerainOptions(tile={tile}))
+r = d.derain(x, DerainOptions(tile={tile}{'' if work_side is None else f', work_side={work_side}'}))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     t = time.perf_counter()  # run in the repository root: `-c` imports cliprpn_core from there
@@ -86,8 +92,12 @@ def main():
     med, best = timed(lambda: d.derain(x), a.repeats)
     res["seconds_per_megapixel_1MP"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_best"] = round(best / mp, 3)
+    d.derain(x, FULL)
+    med, best = timed(lambda: d.derain(x, FULL), a.repeats)
+    res["seconds_per_megapixel_1MP_full_size"] = round(med / mp, 3)
+    res["seconds_per_megapixel_1MP_full_size_best"] = round(best / mp, 3)
     res["auto_tile_1MP"] = d.auto_tile(None, 1024, 1024)
-    untiled = DerainOptions(tile=0)
+    untiled = DerainOptions(tile=0, work_side=0)
     d.derain(x, untiled)
     med, best = timed(lambda: d.derain(x, untiled), a.repeats)
     res["seconds_per_megapixel_1MP_untiled"] = round(med / mp, 3)
@@ -125,13 +135,17 @@ def main():
         res["auto_tile_8MP"] = d.auto_tile(None, 2448, 3264)
         res["peak_rss_GiB_8MP"] = round(gib, 3)
         res["seconds_8MP_incl_startup"] = round(secs, 1)
+        gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264, work_side=0)
+        res["peak_rss_GiB_8MP_full_size"] = round(gib, 3)
+        res["seconds_8MP_full_size_incl_startup"] = round(secs, 1)
     if a.cuda:
         res["cuda"] = cuda_figures(model)
     print(json.dumps(res, indent=2))
 
 
 def cuda_figures(model):
-    """GPU: ms per megapixel (1 MP, batch 1 and batch 8 of 512², median of 5 after warm-up, synchronised),
+    """GPU, every image restored at full size (``work_side = 0``): ms per megapixel (1 MP, batch 1 and batch 8 of
+    512², median of 5 after warm-up, synchronised),
     max difference of fp16/bf16 outputs from fp32, and peak GPU memory for an 8-MP image (the Derainer's automatic tiling)."""
     dev = torch.device("cuda")
     out = {"device": torch.cuda.get_device_name(0)}
@@ -140,16 +154,16 @@ def cuda_figures(model):
     ref = None
     for dt in ("fp32", "fp16", "bf16"):
         d = Derainer(copy.deepcopy(model), device=dev, dtype=dt)  # Derainer casts the model in place
-        y = d.derain(x).images
+        y = d.derain(x, FULL).images
         for _ in range(2):
-            d.derain(x)
+            d.derain(x, FULL)
         row = {}
         for name, inp in (("1MP", x), ("8x512", xb)):
             times = []
             for _ in range(5):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                d.derain(inp)
+                d.derain(inp, FULL)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             row[f"ms_per_MP_{name}"] = round(1000 * statistics.median(times) / (inp[0].numel() / 3 * inp.shape[0] / 1e6), 1)
@@ -169,7 +183,7 @@ def cuda_figures(model):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            d.derain(torch.rand(1, 3, 2448, 3264))
+            d.derain(torch.rand(1, 3, 2448, 3264), FULL)
             torch.cuda.synchronize()
             row["peak_GiB_8MP"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         except torch.cuda.OutOfMemoryError as e:

@@ -73,7 +73,8 @@ def derain_options(args):
     """The derain flags as the Derainer's DerainOptions (0 for --tile and --passes: the defaults)."""
     from .inference import DerainOptions
     return DerainOptions(top_k=args.top_k, expert=args.expert, tile=args.tile or None, overlap=args.overlap,
-                         self_ensemble=args.self_ensemble, passes=args.passes or None, check=args.check)
+                         self_ensemble=args.self_ensemble, passes=args.passes or None, check=args.check,
+                         work_side=args.work_side)
 
 
 def _derain_settings(args, ck) -> dict:
@@ -86,7 +87,7 @@ def _derain_settings(args, ck) -> dict:
     return {"checkpoint": ck_id, "clip": args.clip, "clip_arch": args.clip_arch, "dtype": args.dtype,
             "top_k": args.top_k, "expert": args.expert, "tile": args.tile, "overlap": args.overlap,
             "self_ensemble": args.self_ensemble, "passes": args.passes, "check": args.check,
-            "save_mask": args.save_mask}
+            "save_mask": args.save_mask, "work_side": args.work_side}
 
 
 def cmd_derain(args):
@@ -270,7 +271,7 @@ def cmd_fetch_clip(args):
 
 
 def build_parser():
-    from .inference import DEFAULT_OVERLAP
+    from .inference import DEFAULT_OVERLAP, MIN_WORK_SIDE, WORK_SIDE
     from .config import MAX_PASSES
     from .patterns import EXPERTS
     p = argparse.ArgumentParser(prog="cliprpn", description="CLIP-RPN adaptive deraining", epilog=EXIT_CODES)
@@ -299,6 +300,11 @@ def build_parser():
                         "above 2 MP on a GPU and above about 0.3 MP on the CPU, where 384-px tiles run twice as fast)")
     d.add_argument("--overlap", type=int_in(0, MAX_OVERLAP), default=DEFAULT_OVERLAP,
                    help=f"tile overlap in pixels, 0..{MAX_OVERLAP} and below half the tile")
+    d.add_argument("--work-side", type=int_in(MIN_WORK_SIDE, MAX_TILE, zero_ok=True), default=WORK_SIDE,
+                   help=f"working size: an image whose shorter side is above this many pixels is restored at that "
+                        f"shorter side and the rain removed there is taken off the full-size image (default "
+                        f"{WORK_SIDE}, the training photos': rain drawn larger is removed far less well); 0: restore "
+                        f"at full size. --tile applies to the working size")
     d.add_argument("--self-ensemble", action="store_true",
                    help="average the image and its 3 flips (4 runs: a little cleaner, 4x slower)")
     d.add_argument("--check", action="store_true",

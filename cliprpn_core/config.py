@@ -10,9 +10,11 @@ FORMAT_NAME = "clip-rpn"
 FORMAT_VERSION = 1
 MAX_PASSES = 8
 HEAD_VIEW_GRID = 4  # crops per side at most when the pattern head views an image in crops (head_view)
-# ... and an image is first downscaled (antialiased) to a shorter side of at most this many pixels: the training photos'
-# (481 x 321), so that a large photo's rain is seen at the scale the head learned it (benchmarks/perception_scale.py)
-HEAD_VIEW_SHORT = 321
+# the shorter side of the photos every network here learned rain from (Rain100L and its training split: 481 x 321)
+TRAINING_SHORT_SIDE = 321
+# ... and an image is first downscaled (antialiased) to a shorter side of at most this many pixels, so that a large
+# photo's rain is seen at the scale the head learned it (benchmarks/perception_scale.py)
+HEAD_VIEW_SHORT = TRAINING_SHORT_SIDE
 EXPERT_SCOPES = ("bottleneck", "network")
 
 

@@ -11,9 +11,13 @@ from ..cliprpn_core.arch import route_pattern
 from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import (
     DEFAULT_OVERLAP,
+    MIN_WORK_SIDE,
+    WORK_SIDE,
     Derainer,
     DerainOptions,
+    check_work_side,
     count_tiles,
+    work_size,
 )
 from . import _host as H
 from . import node_logic
@@ -40,6 +44,15 @@ def _tile_inputs():
         io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=512, step=8, advanced=True,
                      tooltip="Overlap between tiles; the seams are feathered across it."),
     ]
+
+
+def _work_side_input():
+    return io.Int.Input("work_side", default=WORK_SIDE, min=0, max=8192, step=1, optional=True, advanced=True,
+                        tooltip=f"Working size: an image whose shorter side is above this many pixels is restored at "
+                                f"that shorter side, and the rain removed there is taken off the full-size image. The "
+                                f"model learned rain on {WORK_SIDE}-px-high photos; restored at full size, the larger "
+                                f"rain of a big photo mostly stays. 0 = restore at full size (slow, and for rain that "
+                                f"is fine at full size). Values from 1 to {MIN_WORK_SIDE - 1} are refused.")
 
 
 def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:
@@ -72,10 +85,10 @@ def route(handle: node_logic.ModelHandle, pattern: node_logic.RainPattern, top_k
     return node_logic.RainRouting(w, handle.experts, note, ranking)
 
 
-def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tensor:
+def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP, work_side=WORK_SIDE) -> torch.Tensor:
     x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
-    h, w = x.shape[-2:]
+    h, w = work_size(*x.shape[-2:], check_work_side(int(work_side))) or x.shape[-2:]  # the size it is estimated at
 
     def run(t):
         total = x.shape[0] * count_tiles(h, w, t, overlap, d.multiple)
@@ -85,18 +98,18 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP) -> torch.Tenso
             bar(done[0] + i, total)
             if i == n:
                 done[0] += n
-        return d.estimate_mask(x, tile=t, overlap=overlap, progress=step, preview=bar.offer)
+        return d.estimate_mask(x, tile=t, overlap=overlap, progress=step, preview=bar.offer, work_side=int(work_side))
 
     m = node_logic.run_with_backoff(run, tile or None, H.is_oom, H.free_after_oom)
     return m[:, 0]
 
 
 def derain_options(top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0,
-                   expert_check=False) -> DerainOptions:
+                   expert_check=False, work_side=WORK_SIDE) -> DerainOptions:
     """The Derain nodes' inputs as the core's DerainOptions (0 for tile and passes: the defaults)."""
     return DerainOptions(top_k=int(top_k), temperature=float(temperature), tile=int(tile) or None,
                          overlap=int(overlap), self_ensemble=bool(self_ensemble), passes=int(passes) or None,
-                         check=bool(expert_check))
+                         check=bool(expert_check), work_side=int(work_side))
 
 
 def derain(handle, image, routing=None, mask=None, options: DerainOptions | None = None):
@@ -204,13 +217,14 @@ class MaskEstimator(io.ComfyNode):
                 CLIPRPNModel.Input("model", tooltip="From CLIP-RPN Loader."),
                 io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
                 *_tile_inputs(),
+                _work_side_input(),
             ],
             outputs=[io.Mask.Output("mask", tooltip="Rain mask per image, 0..1, same size as the image.")],
         )
 
     @classmethod
-    def execute(cls, model, image, tile=0, overlap=DEFAULT_OVERLAP) -> io.NodeOutput:
-        return io.NodeOutput(H.output(estimate_mask(model, image, tile, overlap)))
+    def execute(cls, model, image, tile=0, overlap=DEFAULT_OVERLAP, work_side=WORK_SIDE) -> io.NodeOutput:
+        return io.NodeOutput(H.output(estimate_mask(model, image, tile, overlap, work_side)))
 
 
 class CrossAttentionDerain(io.ComfyNode):
@@ -244,6 +258,7 @@ class CrossAttentionDerain(io.ComfyNode):
                                      "and take that many times longer."),
                 io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
                                  tooltip=EXPERT_CHECK_TIP),
+                _work_side_input(),
             ],
             outputs=[
                 io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
@@ -253,9 +268,10 @@ class CrossAttentionDerain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
-                overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False) -> io.NodeOutput:
+                overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False,
+                work_side=WORK_SIDE) -> io.NodeOutput:
         r = derain(model, image, routing, mask,
-                   derain_options(top_k, temperature, tile, overlap, self_ensemble, passes, expert_check))
+                   derain_options(top_k, temperature, tile, overlap, self_ensemble, passes, expert_check, work_side))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 
@@ -273,13 +289,14 @@ class CLIPRPNDerain(io.ComfyNode):
                 io.Image.Input("image", tooltip="Rainy images (whole batch, any size)."),
                 io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
                                  tooltip=EXPERT_CHECK_TIP),
+                _work_side_input(),
             ],
             outputs=[io.Image.Output("image", tooltip="Derained images.")],
         )
 
     @classmethod
-    def execute(cls, model, image, expert_check=False) -> io.NodeOutput:
-        r = derain(model, image, options=derain_options(expert_check=expert_check))
+    def execute(cls, model, image, expert_check=False, work_side=WORK_SIDE) -> io.NodeOutput:
+        r = derain(model, image, options=derain_options(expert_check=expert_check, work_side=work_side))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)))
 
 

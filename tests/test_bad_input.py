@@ -95,6 +95,8 @@ REFUSED = [
     ("--tile 16", lambda ws: [ws / "in", "-o", ws / "out", "--tile", "16"], "out of range"),
     ("--tile -5", lambda ws: [ws / "in", "-o", ws / "out", "--tile", "-5"], "out of range"),
     ("--tile abc", lambda ws: [ws / "in", "-o", ws / "out", "--tile", "abc"], "'abc' is not a whole number"),
+    ("--work-side 10", lambda ws: [ws / "in", "-o", ws / "out", "--work-side", "10"],
+     "10 is out of range: use 0 or 64..16384"),
     ("--overlap 200 with --tile 256", lambda ws: [ws / "in", "-o", ws / "out", "--tile", "256", "--overlap", "200"],
      "--overlap 200 is too large for --tile 256"),
     ("--overlap -10", lambda ws: [ws / "in", "-o", ws / "out", "--overlap", "-10"], "-10 is out of range: use 0..512"),

@@ -245,3 +245,25 @@ def test_perception_scale_counts_routes_per_factor_against_the_native_size(tmp_p
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
     with pytest.raises(SystemExit, match="no data set 'absent'"):
         ps.main(["--checkpoint", str(tiny_ckpt), "--sets", "absent"])
+
+
+def test_large_photos_scores_both_ways_on_upscaled_pairs(tmp_path, tiny_ckpt, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    lp = _load("large_photos")
+    rng = np.random.default_rng(0)
+    for sub in ("rain", "gt"):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+        for i in range(2):
+            img = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "pairs" / sub / f"{i}.png")
+    monkeypatch.setattr(lp, "DATA", tmp_path)
+    monkeypatch.setattr(lp, "WAYS", {"working size": lp.DerainOptions(work_side=64),  # 40 x 56 upscaled 2x: above it
+                                     "full size": lp.DerainOptions(work_side=0)})
+    res = lp.main(["--checkpoint", str(tiny_ckpt), "--sets", "pairs", "--factors", "2", "--n", "0", "--threads", "1"])
+    row = res["sets"]["pairs"]["x2"]
+    assert row["images"] == 2 and set(row) >= {"input", "working size", "full size"}
+    assert row["working size"] != row["full size"]  # two different restorations of the same upscaled pairs
+    assert all(0 < row[w]["ssim"] <= 1 and row[w]["psnr"] > 0 for w in ("input", "working size", "full size"))
+    with pytest.raises(SystemExit, match="no paired set 'absent'"):
+        lp.main(["--checkpoint", str(tiny_ckpt), "--sets", "absent"])

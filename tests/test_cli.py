@@ -45,6 +45,20 @@ def test_derain_passes_option(images, tiny_ckpt, tmp_path):
     assert outs[1].shape == outs[2].shape and not np.array_equal(outs[1], outs[2])
 
 
+def test_derain_work_side_option_and_a_rerun_redoes_the_images(tmp_path, tiny_ckpt):
+    src = tmp_path / "big"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(src / "a.png")
+    out = tmp_path / "out"
+    run = lambda *extra: main(["derain", str(src), "-o", str(out), "--checkpoint", str(tiny_ckpt),  # noqa: E731
+                               "--device", "cpu", "-q", *extra])
+    assert run("--work-side", "0") == 0
+    full = np.asarray(Image.open(out / "a.png"))
+    assert run("--work-side", "64") == 0  # another working size: the finished output is redone, not skipped
+    small = np.asarray(Image.open(out / "a.png"))
+    assert full.shape == small.shape == (150, 200, 3) and not np.array_equal(full, small)
+
+
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "zero.jpg").write_bytes(b"")

@@ -297,9 +297,10 @@ def test_check_with_self_ensemble_tiles_and_progress(derainer):
 
 def test_derain_options_carry_every_setting(derainer):
     from cliprpn_core.inference import CHECK_RATIO, DEFAULT_OVERLAP
+    from cliprpn_core.inference import WORK_SIDE
     opt = DerainOptions()
-    assert (opt.top_k, opt.expert, opt.tile, opt.overlap, opt.passes, opt.check, opt.check_ratio) == \
-        (1, None, None, DEFAULT_OVERLAP, None, False, CHECK_RATIO)
+    assert (opt.top_k, opt.expert, opt.tile, opt.overlap, opt.passes, opt.check, opt.check_ratio, opt.work_side) == \
+        (1, None, None, DEFAULT_OVERLAP, None, False, CHECK_RATIO, WORK_SIDE)
     x = torch.rand(1, 3, 40, 48)
     a = derainer.derain(x, DerainOptions(expert=1, tile=32, overlap=8))
     assert a.routing[0].tolist() == [0.0, 1.0, 0.0, 0.0]
@@ -327,3 +328,58 @@ def test_one_dtype_policy():
         resolve_dtype("bf16", mps)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("fp8", cpu)
+
+
+def test_work_size_brings_the_shorter_side_down_to_the_working_size():
+    from cliprpn_core.inference import WORK_SIDE, check_work_side, work_size
+    assert WORK_SIDE == 321  # the training photos' shorter side (481 x 321)
+    assert work_size(321, 481, 321) is None and work_size(200, 5000, 321) is None  # not above it: full size
+    assert work_size(642, 962, 321) == (321, 481) and work_size(3000, 4000, 321) == (321, 428)
+    assert work_size(4000, 3000, 321) == (428, 321) and work_size(3000, 4000, 0) is None  # 0: full size
+    for bad in (10, -1, 1.5, True, "321"):
+        with pytest.raises(ValueError, match="work_side must be 0"):
+            check_work_side(bad)
+    with pytest.raises(ValueError, match="work_side must be 0"):  # checked before any work
+        DerainOptions(work_side=20).checked()
+
+
+def _fake_restore(derainer, monkeypatch, rain):
+    """The restoration replaced by one that takes a uniform ``rain`` off the image; records the sizes it saw."""
+    seen = []
+
+    def restore(t, r, m, passes=None):
+        seen.append(tuple(t.shape[-2:]))
+        return (t[:, :3].float() - rain).clamp(0, 1), torch.full_like(t[:, :1].float(), 0.25)
+    monkeypatch.setattr(derainer, "_restore", restore)
+    return seen
+
+
+def test_work_side_restores_at_the_working_size_and_keeps_the_full_size_detail(derainer, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 96, 150, generator=g) * 0.8 + 0.1  # fine full-size detail everywhere
+    seen = _fake_restore(derainer, monkeypatch, 0.0)
+    r = derainer.derain(x, DerainOptions(work_side=64))
+    assert r.images.shape == x.shape and r.masks.shape == (2, 1, 96, 150)
+    assert set(seen) == {(64, 100)}  # restored at the working size (150 x 64 / 96 = 100 wide)
+    assert torch.equal(r.images, x)  # nothing removed at the working size: the full-size image comes back as it was
+    assert torch.allclose(r.masks, torch.full_like(r.masks, 0.25))
+    seen = _fake_restore(derainer, monkeypatch, 0.05)  # a uniform rain of 0.05 removed at the working size ...
+    r = derainer.derain(x, DerainOptions(work_side=64))
+    assert (r.images - (x - 0.05)).abs().max() < 1e-5  # ... is removed from the full-size image
+    full = derainer.derain(x, DerainOptions(work_side=0))
+    assert seen[-1] == (96, 152) and (full.images - (x - 0.05)).abs().max() < 1e-6  # 0: restored at full size
+
+
+def test_work_side_leaves_images_at_or_below_it_alone_and_keeps_alpha(derainer):
+    torch.manual_seed(3)
+    x = torch.rand(1, 4, 64, 90)
+    a, b = derainer.derain(x, DerainOptions(work_side=64)), derainer.derain(x, DerainOptions(work_side=0))
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)  # not above the working size
+    big = torch.rand(1, 4, 130, 170)
+    r = derainer.derain(big, DerainOptions(work_side=64))
+    assert r.images.shape == big.shape and torch.equal(r.images[:, 3], big[:, 3])  # alpha passes through
+    gray = derainer.derain(torch.rand(2, 1, 130, 170), DerainOptions(work_side=64))
+    assert gray.images.shape == (2, 1, 130, 170) and gray.routing.shape == (2, 4)
+    m = derainer.estimate_mask(big, work_side=64)
+    assert m.shape == (1, 1, 130, 170) and 0 <= m.min() and m.max() <= 1
+    assert torch.equal(derainer.estimate_mask(x, work_side=64), derainer.estimate_mask(x, work_side=0))
