@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .. import node_names as N
+from ..config import TRAINING_SHORT_SIDE
 from .errors import WorkflowError
 
 API_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
@@ -27,7 +28,8 @@ BUILTIN_BASIC = {
     "2": {"class_type": N.LOADER, "inputs": {"checkpoint": "clip_rpn_default.safetensors",
                                              "clip": "none (built-in pattern head)", "device": "auto",
                                              "dtype": "auto"}},
-    "3": {"class_type": N.DERAIN, "inputs": {"model": ["2", 0], "image": ["1", 0], "expert_check": False}},
+    "3": {"class_type": N.DERAIN, "inputs": {"model": ["2", 0], "image": ["1", 0], "expert_check": False,
+                                             "work_side": TRAINING_SHORT_SIDE}},  # the default working size
     "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "clip_rpn/derained"}},
 }
 
