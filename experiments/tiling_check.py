@@ -41,7 +41,7 @@ def main():
         rain, gt = enlarged(f), enlarged(DATA / "rain100l" / "gt" / f.name)
         x = torch.from_numpy(rain).permute(2, 0, 1)[None].float() / 255
         outs, secs = [], []
-        for opt in (DerainOptions(), DerainOptions(tile=0)):
+        for opt in (DerainOptions(work_side=0), DerainOptions(tile=0, work_side=0)):  # at full size: tiled, whole
             t = time.perf_counter()
             outs.append(to_uint8(d.derain(x, opt).images[0]))
             secs.append(time.perf_counter() - t)
