@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import losses as L
 from . import plotting
 from .arch import pattern_probs
-from .inference import split_channels
+from .inference import WORK_SIDE, check_work_side, resize, split_channels, work_size
 from .train import TrainStep, cosine_lr
 
 MIN_SIDE = 16  # smallest pair side a fine-tune takes
@@ -80,7 +80,7 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
               schedule: str = "charbonnier", patch: int = 128, batch_size: int = 4, seed: int = 0,
               device="cpu", mask_weight: float = 0.1, on_step: Callable[[int, int], None] | None = None,
               perceive: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              preview: Callable[[Callable], None] | None = None) -> FinetuneResult:
+              preview: Callable[[Callable], None] | None = None, work_side: int = WORK_SIDE) -> FinetuneResult:
     """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,C,H,W] 0..1, C in 1..4, same sizes).
 
     Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
@@ -91,7 +91,9 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
     clipped to GRAD_CLIP. ``on_step(done, total)`` is called after each step (progress and Cancel: an
     exception raised there aborts without touching ``model``). ``preview``, when given, is called before
     each ``on_step`` with ``image(max_side=None)`` -> the loss curve so far [1,3,H,W] (drawn only when
-    called)."""
+    called). Pairs whose shorter side is above ``work_side`` are brought to it first (both images alike): the
+    derainer restores such images at that working size (inference.WORK_SIDE), so the fine-tune learns their rain at
+    the scale it will be removed at; 0 keeps them at full size."""
     if schedule not in L.PRESETS:
         raise ValueError(f"unknown loss schedule {schedule!r}; use one of {', '.join(L.PRESETS)}")
     if steps < 1:
@@ -100,6 +102,9 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
         raise ValueError(f"learning rate must be > 0, got {lr}")
     rainy, clean = rgb_only(rainy).float().clone(), rgb_only(clean).float().clone()
     check_pairs(rainy, clean)
+    size = work_size(*rainy.shape[-2:], check_work_side(work_side))
+    if size is not None:
+        rainy, clean = resize(rainy, size), resize(clean, size)
     device = torch.device(device)
     net = fresh_copy(model).to(device).train().requires_grad_(True)
     net = net.to(memory_format=torch.contiguous_format)

@@ -148,3 +148,20 @@ def test_finetune_of_network_experts_trains_only_the_routed_networks(tiny_networ
     before, after = net.state_dict(), res.model.state_dict()
     changed = {k.split(".")[1] for k in before if k.startswith("experts.") and not torch.equal(before[k], after[k])}
     assert changed == routed and len(routed) < 4  # only the networks of the experts the pairs are routed to
+
+
+def test_finetune_trains_pairs_above_the_working_size_at_it(tiny_model, monkeypatch):
+    """The derainer restores a large image at the working size; the fine-tune learns large pairs' rain there too."""
+    from cliprpn_core import finetune as ft
+    seen = []
+    real = ft._crops
+    monkeypatch.setattr(ft, "_crops", lambda r, c, *a: seen.append((tuple(r.shape), tuple(c.shape))) or real(r, c, *a))
+    rainy, clean = _pairs(n=2, size=96)
+    finetune(tiny_model, rainy, clean, steps=1, lr=1e-3, patch=16, work_side=64)
+    assert seen[-1] == ((2, 3, 64, 64), (2, 3, 64, 64))
+    finetune(tiny_model, rainy, clean, steps=1, lr=1e-3, patch=16, work_side=0)  # 0: full size
+    assert seen[-1] == ((2, 3, 96, 96), (2, 3, 96, 96))
+    finetune(tiny_model, rainy, clean, steps=1, lr=1e-3, patch=16)  # the default: not above 321 px, full size
+    assert seen[-1] == ((2, 3, 96, 96), (2, 3, 96, 96))
+    with pytest.raises(ValueError, match="work_side must be 0"):
+        finetune(tiny_model, rainy, clean, steps=1, lr=1e-3, work_side=8)
