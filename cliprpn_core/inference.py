@@ -412,9 +412,13 @@ class Derainer:
 
     # -- perception and routing -----------------------------------------------------------
     @torch.inference_mode()
-    def perceive(self, images: torch.Tensor):
-        """-> (probs [B,PATTERN_DIM] on CPU, source). CLIP drives perception when loaded."""
+    def perceive(self, images: torch.Tensor, work_side: int = WORK_SIDE):
+        """-> (probs [B,PATTERN_DIM] on CPU, source). CLIP drives perception when loaded. An image above the working
+        size is perceived at it, as :meth:`derain` perceives it (so a Perceiver node routes as the Derain node)."""
         rgb = split_channels(check_images(images))[0]
+        size = work_size(*rgb.shape[-2:], check_work_side(work_side))
+        if size is not None:
+            rgb = resize(rgb, size)
         if self.perceiver is not None:
             return self.perceiver.probs(rgb).float().cpu(), f"clip:{self.perceiver.name}"
         logits = self.model.perceive(rgb.to(self.device, self.dtype))

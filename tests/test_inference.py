@@ -383,3 +383,14 @@ def test_work_side_leaves_images_at_or_below_it_alone_and_keeps_alpha(derainer):
     m = derainer.estimate_mask(big, work_side=64)
     assert m.shape == (1, 1, 130, 170) and 0 <= m.min() and m.max() <= 1
     assert torch.equal(derainer.estimate_mask(x, work_side=64), derainer.estimate_mask(x, work_side=0))
+
+
+def test_a_large_image_is_perceived_at_the_working_size_as_derain_perceives_it(derainer):
+    from cliprpn_core.inference import resize
+    torch.manual_seed(4)
+    big = torch.rand(2, 3, 130, 170)
+    small = resize(big, (64, 84))
+    assert torch.equal(derainer.perceive(big, work_side=64)[0], derainer.perceive(small, work_side=64)[0])
+    derained = derainer.derain(big, DerainOptions(work_side=64))
+    assert torch.equal(derained.pattern, derainer.perceive(big, work_side=64)[0])
+    assert not torch.equal(derainer.perceive(big, work_side=0)[0], derainer.perceive(small)[0])  # 0: the full image
