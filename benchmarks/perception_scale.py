@@ -3,7 +3,8 @@
 Every evaluation set here is 481 x 321 (0.15 MP); a user's photo is often 12 MP or more, with its rain drawn
 proportionally larger. This script upscales each rainy image of a set by each factor (bicubic, as a larger
 photo of the same scene would look: the rain grows with it), routes it as a user's call would
-(``Derainer.perceive`` on the whole image, then the router's top-1), and prints, per set and factor, how many
+(``Derainer.perceive``, which sees an image above the working size at it, then the router's top-1), and prints, per
+set and factor, how many
 images go to each expert and how many go where they went at the native size. Perception only; nothing is derained.
 
   python -m benchmarks.perception_scale [--checkpoint CKPT] [--sets rain100l heavy_test real_rain]
