@@ -49,10 +49,11 @@ def _tile_inputs():
 def _work_side_input():
     return io.Int.Input("work_side", default=WORK_SIDE, min=0, max=8192, step=1, optional=True, advanced=True,
                         tooltip=f"Working size: an image whose shorter side is above this many pixels is restored at "
-                                f"that shorter side, and the rain removed there is taken off the full-size image. The "
-                                f"model learned rain on {WORK_SIDE}-px-high photos; restored at full size, the larger "
-                                f"rain of a big photo mostly stays. 0 = restore at full size (slow, and for rain that "
-                                f"is fine at full size). Values from 1 to {MIN_WORK_SIDE - 1} are refused.")
+                                f"that shorter side, and the rain removed there is taken off the full-size image, "
+                                f"which keeps its own detail. The model learned rain on photos {WORK_SIDE} px on their "
+                                f"shorter side; restored at full size, the larger rain of a big photo mostly stays. "
+                                f"0 = restore at full size (slower; for rain that is fine at full size). Values from 1 "
+                                f"to {MIN_WORK_SIDE - 1} are refused.")
 
 
 def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:
