@@ -18,13 +18,22 @@ from cliprpn_core.data import (
     rotation_crop_size,
 )
 from cliprpn_core.imageio import list_images, load_rgb_uint8, read_image, save_image, to_uint8
-from cliprpn_core.inference import DerainOptions
+from cliprpn_core.inference import DerainOptions, resize
 from cliprpn_core.metrics import evaluate_folders
 from cliprpn_core.patterns import EXPERTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # data sets beside the repository (../shared/data)
 DEFAULT_CHECKPOINT = default_model_path()
+
+
+def upscaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """[C,H,W] or [B,C,H,W] enlarged ``factor`` times (bicubic, clamped to 0..1, as inference.resize does): the
+    benchmarks' stand-in for a larger photo of the same scene, its rain drawn larger."""
+    h, w = x.shape[-2:]
+    one = x.dim() == 3
+    y = resize(x[None] if one else x, (round(h * factor), round(w * factor)))
+    return y[0] if one else y
 
 
 def derain_set(derainer, set_dir, options: DerainOptions | None = None):

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cliprpn_core import Derainer, DerainOptions, load_model
 from cliprpn_core.imageio import list_images, read_image, to_uint8
 from cliprpn_core.metrics import psnr_y, ssim_y
 
-from .common import DATA, DEFAULT_CHECKPOINT
+from .common import DATA, DEFAULT_CHECKPOINT, upscaled
 
 WAYS = {"working size": DerainOptions(), "full size": DerainOptions(work_side=0)}
 
@@ -37,11 +36,6 @@ def pairs(name: str, n: int) -> list[tuple[Path, Path]]:
     gts = {p.stem: p for p in list_images(root / "gt")}
     out = [(p, gts[p.stem]) for p in list_images(root / "rain") if p.stem in gts]
     return out[:n] if n else out
-
-
-def upscale(x: torch.Tensor, k: float) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return F.interpolate(x[None], size=(round(h * k), round(w * k)), mode="bicubic", align_corners=False)[0].clamp(0, 1)
 
 
 def main(argv=None):
@@ -63,7 +57,7 @@ def main(argv=None):
             t = time.perf_counter()
             scores = {way: [] for way in ("input", *WAYS)}
             for rain_path, gt_path in todo:
-                rain, gt = upscale(read_image(rain_path), k), to_uint8(upscale(read_image(gt_path), k))
+                rain, gt = upscaled(read_image(rain_path), k), to_uint8(upscaled(read_image(gt_path), k))
                 outs = {"input": rain, **{way: d.derain(rain, opt).images[0] for way, opt in WAYS.items()}}
                 for way, img in outs.items():
                     p8 = to_uint8(img)

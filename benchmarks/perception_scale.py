@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.imageio import list_images, read_image
 from cliprpn_core.inference import Derainer, split_channels
 from cliprpn_core.patterns import EXPERTS
 
-from .common import DATA, DEFAULT_CHECKPOINT
+from .common import DATA, DEFAULT_CHECKPOINT, upscaled
 
 
 def set_images(name: str) -> list[Path]:
@@ -42,9 +41,7 @@ def set_images(name: str) -> list[Path]:
 def route_at(derainer: Derainer, image: torch.Tensor, factor: float) -> int:
     x = split_channels(image[None].float())[0]
     if factor != 1:
-        h, w = x.shape[-2:]
-        x = F.interpolate(x, size=(round(h * factor), round(w * factor)), mode="bicubic", align_corners=False)
-        x = x.clamp(0, 1)
+        x = upscaled(x, factor)
     probs, _ = derainer.perceive(x)
     return int(derainer.route(probs)[0].argmax())
 
