@@ -415,8 +415,11 @@ class Derainer:
     def perceive(self, images: torch.Tensor, work_side: int = WORK_SIDE):
         """-> (probs [B,PATTERN_DIM] on CPU, source). CLIP drives perception when loaded. An image above the working
         size is perceived at it, as :meth:`derain` perceives it (so a Perceiver node routes as the Derain node)."""
-        rgb = split_channels(check_images(images))[0]
-        size = work_size(*rgb.shape[-2:], check_work_side(work_side))
+        return self._perceive(split_channels(check_images(images))[0], check_work_side(work_side))
+
+    def _perceive(self, rgb, work_side):
+        """:meth:`perceive` on an RGB batch already checked (``check_images``) and a checked ``work_side``."""
+        size = work_size(*rgb.shape[-2:], work_side)
         if size is not None:
             rgb = resize(rgb, size)
         if self.perceiver is not None:
@@ -436,8 +439,8 @@ class Derainer:
         return self.route_and_rank(probs, top_k, temperature, override)[0]
 
     # -- masks and restoration --------------------------------------------------------------
-    def _prep(self, images):
-        x = check_images(images)
+    def _prep(self, x):
+        """A batch already checked (``check_images``) -> (RGB padded to the model's multiple, alpha, channels, h, w)."""
         rgb, alpha, c = split_channels(x)
         h, w = rgb.shape[-2:]
         return _pad_to(rgb, self.multiple), alpha, c, h, w
@@ -522,7 +525,7 @@ class Derainer:
 
     # -- derain, step by step -------------------------------------------------------------------
     def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
-        """Input normalisation: the images checked, split and padded; the routing decided (a manual expert,
+        """Input normalisation: the images (checked by :meth:`derain`) split and padded; the routing decided (a manual expert,
         else the given routing, else perceived and routed here) and brought to one row per image; the
         ranking, the pattern and the mask likewise."""
         rgb, alpha, c, h, w = self._prep(images)
@@ -533,7 +536,7 @@ class Derainer:
             check = False
         elif routing is None:
             if pattern is None:
-                pattern, source = self.perceive(rgb[..., :h, :w])
+                pattern, source = self._perceive(rgb[..., :h, :w], WORK_SIDE)
             routing, logits = self.route_and_rank(pattern, opt.top_k, opt.temperature)
             if check and ranking is None:  # the check ranks by the router's logits
                 ranking = logits

@@ -267,3 +267,25 @@ def test_large_photos_scores_both_ways_on_upscaled_pairs(tmp_path, tiny_ckpt, mo
     assert all(0 < row[w]["ssim"] <= 1 and row[w]["psnr"] > 0 for w in ("input", "working size", "full size"))
     with pytest.raises(SystemExit, match="no paired set 'absent'"):
         lp.main(["--checkpoint", str(tiny_ckpt), "--sets", "absent"])
+
+
+def test_perception_draws_the_chosen_style_and_counts_every_image(tmp_path, tiny_ckpt, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    pc = _load("perception")
+    rng = np.random.default_rng(0)
+    (tmp_path / "clean").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "clean" / f"{i}.png")
+    monkeypatch.setattr(pc, "DATA", tmp_path)
+    args = ["--checkpoint", str(tiny_ckpt), "--n", "32", "--size", "64", "--threads", "1"]
+    classic, pour = pc.main(args), pc.main(args + ["--style", "downpour"])
+    assert (classic["style"], pour["style"]) == ("classic", "downpour")
+    for res in (classic, pour):
+        conf = res["router_confusion_rows_true_cols_chosen"]
+        assert res["images"] == 32 and sum(map(sum, conf)) == 32
+        assert all(0 <= v <= 1 for v in res["accuracy"].values())
+    assert pc.main(args) == classic  # a fixed seed: the same rain, the same figures
+    assert pour != classic  # the heavy images are drawn another way (and the draws after them move)
+    with pytest.raises(SystemExit):
+        pc.main(args + ["--style", "drizzle"])
