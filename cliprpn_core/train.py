@@ -542,6 +542,10 @@ def train(cfg: TrainConfig, progress=True, on_trainer=None):
     try:
         trainer = Trainer(cfg, progress=progress)
         path = trainer.fit()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # rank 0 writes the final files alone: the other ranks wait for it here instead of tearing their side of
+            # the process group down under it (a torchrun worker once aborted at exit after all steps had finished)
+            torch.distributed.barrier()
         if on_trainer is not None:
             on_trainer(trainer)
         return path
