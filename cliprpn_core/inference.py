@@ -505,14 +505,16 @@ class Derainer:
         The working size (``options.work_side``): an image whose shorter side is above it is perceived, routed and
         restored as described above at that shorter side (tiles, preview and a given mask included); the rain
         removed there, upsampled, is taken off the full-size image, and the mask is upsampled."""
-        t0 = time.perf_counter()
         opt = (options or DerainOptions()).checked()  # before any work is done
-        x = check_images(images)
+        return self._derain(check_images(images), opt, routing, pattern, mask, ranking, progress, preview)
+
+    def _derain(self, x, opt: DerainOptions, routing, pattern, mask, ranking, progress, preview) -> DerainResult:
+        """:meth:`derain` on a checked batch ``x`` with checked options (the working-size copy is not checked again)."""
+        t0 = time.perf_counter()
         size = work_size(*x.shape[-2:], opt.work_side)
         if size is not None:
             small = resize(x, size)
-            r = self.derain(small, replace(opt, work_side=0), routing=routing, pattern=pattern, mask=mask,
-                            ranking=ranking, progress=progress, preview=preview)
+            r = self._derain(small, replace(opt, work_side=0), routing, pattern, mask, ranking, progress, preview)
             rain = F.interpolate(small - r.images, size=x.shape[-2:], mode="bicubic", align_corners=False)
             masks = F.interpolate(r.masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return DerainResult((x - rain).clamp_(0, 1), masks.clamp_(0, 1), r.pattern, r.routing, r.perceived_by,

@@ -5,13 +5,9 @@
 # Usage: experiments/run_perception_eval.sh N [THREADS] [STEP]   (STEP: a snapshot, else the final model)
 set -euo pipefail
 N=${1:?stage}; T=${2:-2}; O=runs/stage${N}_cmp; mkdir -p $O; R=runs/stage${N}_perception
-S=models/clip_rpn_default.safetensors
 C=$R/model.safetensors; [ -z "${3:-}" ] || C=$R/model_step$3.safetensors; K=${3:-final}
-python -m benchmarks.evaluate $C --sets rain100l heavy_test --threads $T | tee $O/routed_$K.txt
+experiments/eval_assembled.sh $C $T $O/routed_$K.txt $O/synthetic_$K.txt $O/contact_$K -
 python -m benchmarks.perception --checkpoint $C --threads $T > $O/perc_classic_$K.json
 python -m benchmarks.perception --checkpoint $C --threads $T --style downpour > $O/perc_downpour_$K.json
-python -m benchmarks.synthetic_regimes $C --threads $T | tee $O/synthetic_$K.txt
 python -m benchmarks.perception_scale --checkpoint $C --sets rain100l_train heavy_train rain100l heavy_test real_rain \
   --threads $T | tee $O/perception_scale_$K.txt
-python scripts/make_contact_sheet.py $S $C --labels "previous model" "new model" --out $O/contact_$K.jpg --threads $T \
-  | tee $O/contact_$K.txt

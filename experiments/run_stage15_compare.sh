@@ -13,10 +13,5 @@ UN=runs/stage15_unrouted/model_step$U.safetensors
 [ "$U" = 6000 ] && [ ! -e "$UN" ] && UN=runs/stage15_unrouted/model.safetensors
 python scripts/assemble_experts.py --base runs/stage9/model.safetensors --expert light_streaks=$L \
   --expert heavy_streaks=$H -o runs/stage15_cmp/routed_$S.safetensors
-python -m benchmarks.evaluate runs/stage15_cmp/routed_$S.safetensors --sets rain100l heavy_test --threads 2 \
-  | tee runs/stage15_cmp/routed_$S.txt
-python -m benchmarks.synthetic_regimes runs/stage15_cmp/routed_$S.safetensors --threads 2 | tee -a runs/stage15_cmp/routed_$S.txt
-# the unrouted network as it would be used: one network (the light-streaks path it trained) for every image
-python -m benchmarks.evaluate "$UN" --sets rain100l heavy_test --expert light_streaks --threads 2 \
-  | tee runs/stage15_cmp/unrouted_$U.txt
-python -m benchmarks.synthetic_regimes "$UN" --expert light_streaks --threads 2 | tee -a runs/stage15_cmp/unrouted_$U.txt
+experiments/eval_routed_unrouted.sh runs/stage15_cmp/routed_$S.safetensors "$UN" runs/stage15_cmp/routed_$S.txt \
+  runs/stage15_cmp/unrouted_$U.txt 2

@@ -8,8 +8,4 @@ B=runs/stage18_shipped.safetensors
 pick() { if [ -e "$1/model_step$2.safetensors" ]; then echo "$1/model_step$2.safetensors"; else echo "$1/model.safetensors"; fi; }
 L=$(pick runs/stage34_light $S); H=$(pick runs/stage34_heavy $S); UN=$(pick runs/stage34_unrouted $U)
 python scripts/assemble_experts.py --base $B --expert light_streaks=$L --expert heavy_streaks=$H -o $O/routed_$S.safetensors
-python -m benchmarks.evaluate $O/routed_$S.safetensors --sets rain100l heavy_test --threads $T | tee $O/routed_$S.txt
-python -m benchmarks.synthetic_regimes $O/routed_$S.safetensors --threads $T | tee -a $O/routed_$S.txt
-# the unrouted network as it would be used: one network (the light-streaks path it trained) for every image
-python -m benchmarks.evaluate "$UN" --sets rain100l heavy_test --expert light_streaks --threads $T | tee $O/unrouted_$U.txt
-python -m benchmarks.synthetic_regimes "$UN" --expert light_streaks --threads $T | tee -a $O/unrouted_$U.txt
+experiments/eval_routed_unrouted.sh $O/routed_$S.safetensors "$UN" $O/routed_$S.txt $O/unrouted_$U.txt $T
