@@ -34,7 +34,13 @@ class LayerNorm2d(nn.Module):
 
 
 class Block(nn.Module):
-    """NAFNet-style gated block without global channel attention (keeps tiling exact)."""
+    """NAFNet-style gated block without global channel attention (keeps tiling exact).
+
+    A block whose residual scales ``beta`` and ``gamma`` are all zero computes the identity (the blocks that
+    :func:`grow_from` adds, and a network assembled beside a deeper one carries them). Without gradients
+    (inference) such a block is skipped, which is exact for finite inputs: one network may then be deeper than the
+    others of the same model at no cost to them. With gradients it always runs, so that its zero scales can learn.
+    """
 
     def __init__(self, c: int, expand: int = 2):
         super().__init__()
@@ -49,7 +55,25 @@ class Block(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
+        self._identity_key = None  # what is_identity's answer was computed from
+        self._identity = False
+
+    def is_identity(self) -> bool:
+        """Whether ``beta`` and ``gamma`` are all zero. Cached: recomputed (one small reduction, a device sync)
+        only after the scales changed in place (their version counter), were replaced, or moved. Weights made in
+        ``torch.inference_mode`` (a model loaded inside a ComfyUI node) carry no version counter; they cannot be
+        trained, and are taken as fixed while they stay in place."""
+        key = tuple((id(p), None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
+                    for p in (self.beta, self.gamma))
+        if key != self._identity_key:
+            with torch.no_grad():
+                self._identity = not (bool(self.beta.detach().any()) or bool(self.gamma.detach().any()))
+            self._identity_key = key
+        return self._identity
+
     def forward(self, x):
+        if not torch.is_grad_enabled() and self.is_identity():
+            return x
         y = self.dw(self.pw1(self.norm1(x)))
         a, b = y.chunk(2, 1)
         x = x + self.pw2(a * b) * self.beta

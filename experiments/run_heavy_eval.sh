@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluation of a heavy-network stage (experiments/stage28_heavy_grown.toml, stage30_heavy_with_light.toml,
-# stage32_heavy_grown_third.toml; reading and ship rule in their headers). Outputs in runs/stageN_cmp/.
+# stage32_heavy_grown_third.toml, stage38_heavy_grown_fourth.toml; reading and ship rule in their headers). Outputs in runs/stageN_cmp/.
 # Usage: experiments/run_heavy_eval.sh N curve STEP [THREADS]  heavy network alone at a snapshot: heavy_test, and
 #                                                               (from stage 30 on) Rain100L, the cost of a misroute
 #        experiments/run_heavy_eval.sh N full [THREADS]        the shipped model with this heavy network, by the ship

@@ -460,3 +460,48 @@ def test_shared_network_of_inverts_replace(tmp_path, tiny_network_model):
     bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "shared.safetensors"), "--extract", "0",
                           "-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and "whole networks" in bad.stderr
+
+
+def test_identity_blocks_are_skipped_without_gradients_and_run_with_them(tiny_model):
+    """A block with zero residual scales (added by grow_from) computes the identity: skipped at inference, so a
+    network carrying them costs what it did, but run while training so that its scales can learn."""
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core.arch import Block, grow_from
+    deeper = CLIPRPN(dc_replace(tiny_model.config, middle_blocks=tiny_model.config.middle_blocks + 2)).eval()
+    added = grow_from(deeper, tiny_model)
+    new = [m for n, m in deeper.named_modules() if isinstance(m, Block) and f"{n}.beta" in added]
+    assert len(new) == 2 and all(b.is_identity() for b in new)
+    assert not any(b.is_identity() for b in tiny_model.modules() if isinstance(b, Block))
+    calls = []
+    hooks = [b.dw.register_forward_hook(lambda *a: calls.append(1)) for b in new]
+    x, r = torch.rand(1, 3, 32, 32), torch.eye(4)[:1]
+    with torch.no_grad():
+        out = deeper(x, routing=r).image
+        torch.testing.assert_close(out, tiny_model.eval()(x, routing=r).image, atol=1e-6, rtol=0)
+    assert calls == []  # skipped
+    deeper.train()
+    deeper(x, routing=r).image.square().mean().backward()
+    assert len(calls) == 2 and all(b.beta.grad is not None and b.beta.grad.abs().sum() > 0 for b in new)
+    with torch.no_grad():  # once a scale is no longer zero (an in-place update), the block runs again
+        new[0].gamma.add_(0.1)
+        calls.clear()
+        deeper.eval()(x, routing=r)
+    assert len(calls) == 1 and not new[0].is_identity() and new[1].is_identity()
+    for h in hooks:
+        h.remove()
+
+
+def test_identity_blocks_of_a_model_made_in_inference_mode(tmp_path, tiny_model):
+    """ComfyUI runs nodes in torch.inference_mode, so a model loaded there has weights without version counters."""
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core.arch import grow_from
+    from cliprpn_core.checkpoint import load_model, save_model
+    deeper = CLIPRPN(dc_replace(tiny_model.config, middle_blocks=tiny_model.config.middle_blocks + 1))
+    grow_from(deeper, tiny_model)
+    save_model(deeper, tmp_path / "m.safetensors")
+    x, r = torch.rand(1, 3, 32, 32), torch.eye(4)[:1]
+    with torch.inference_mode():
+        m = load_model(tmp_path / "m.safetensors").eval()
+        torch.testing.assert_close(m(x, routing=r).image, tiny_model.eval()(x, routing=r).image, atol=1e-6, rtol=0)
