@@ -2,13 +2,14 @@
 
   python -m benchmarks.speed [--checkpoint CKPT] [--threads 2]
 
-Prints: seconds per megapixel (1-MP image, whole pipeline: perception, routing, restoration, default options, so
+Prints: seconds per megapixel (1-MP image, whole pipeline: perception, then restoration by the light-streaks
+network, where the router sends most rainy photos (see default_path); default options, so
 the working size (the image restored at a shorter side of 321 px, inference.WORK_SIDE) and on the CPU the automatic
 CPU tiling; median and fastest of 5 after a warm-up), the same at full size (``work_side = 0``: the networks' own
 cost per pixel, what every figure before the working size measured), at full size untiled, and at full size with the
 expert check where it runs (both streak experts compared); peak RSS of a separate process deraining an 8-MP image
 with the default options and at full size (automatic tiling); parameters and FLOPs per pixel of the model and of
-each expert.
+each expert; with --per-expert, each expert's full-size figure (every image routed to it).
 """
 from __future__ import annotations
 
@@ -23,11 +24,27 @@ import time
 import torch
 
 from cliprpn_core import Derainer, DerainOptions, load_model
+from cliprpn_core.patterns import EXPERTS
 
 from .common import DEFAULT_CHECKPOINT, ROOT
 
 
 FULL = DerainOptions(work_side=0)  # restored at full size
+TIMED_EXPERT = "light_streaks"  # the network the default-path figures restore with (see default_path)
+
+
+def one_expert(name: str) -> torch.Tensor:
+    """Routing [1,E] that sends an image to the expert ``name``."""
+    return torch.eye(len(EXPERTS))[EXPERTS.index(name)][None]
+
+
+def default_path(d: Derainer, x: torch.Tensor, options: DerainOptions | None = None):
+    """The default path of a photo the router sends to the light-streaks network, the one it picks for most rainy
+    photos (97 of the 100 Rain100L images): perception as the default path runs it (its answer unused), then
+    restoration by that network. Left to perception, a random image goes wherever noise looks like rain to the pattern
+    head (the veil network, the cheapest once identity blocks are skipped): a path rainy photos seldom take."""
+    d.perceive(x)
+    return d.derain(x, options, routing=one_expert(TIMED_EXPERT))
 
 
 def derain_checked(d: Derainer, x: torch.Tensor):
@@ -62,9 +79,12 @@ def peak_rss_child(ck, threads, h, w, tile=None, work_side=None):
 import resource, torch
 torch.set_num_threads({threads})
 from cliprpn_core import Derainer, DerainOptions, load_model
+from cliprpn_core.patterns import EXPERTS
 d = Derainer(load_model({str(ck)!r}))
 x = torch.rand(1, 3, {h}, {w})
-r = d.derain(x, DerainOptions(tile={tile}{'' if work_side is None else f', work_side={work_side}'}))
+d.perceive(x)  # as speed.default_path: perception, then the light-streaks network
+r = d.derain(x, DerainOptions(tile={tile}{'' if work_side is None else f', work_side={work_side}'}),
+             routing=torch.eye(len(EXPERTS))[EXPERTS.index({TIMED_EXPERT!r})][None])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     t = time.perf_counter()  # run in the repository root: `-c` imports cliprpn_core from there
@@ -79,6 +99,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure after a warm-up (median and fastest)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cuda", action="store_true", help="also time fp32/fp16/bf16 on the GPU")
+    ap.add_argument("--per-expert", action="store_true",
+                    help="also time each expert at full size, every image routed to it (the networks may differ in depth)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.checkpoint)
@@ -87,25 +109,35 @@ def main():
     res = {"checkpoint": a.checkpoint, "threads": a.threads, "torch": torch.__version__}
 
     x = torch.rand(1, 3, 1024, 1024)
-    d.derain(x)
+    res["timed_expert"] = TIMED_EXPERT
+    default_path(d, x)
     mp = 1024 * 1024 / 1e6
-    med, best = timed(lambda: d.derain(x), a.repeats)
+    med, best = timed(lambda: default_path(d, x), a.repeats)
     res["seconds_per_megapixel_1MP"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_best"] = round(best / mp, 3)
-    d.derain(x, FULL)
-    med, best = timed(lambda: d.derain(x, FULL), a.repeats)
+    default_path(d, x, FULL)
+    med, best = timed(lambda: default_path(d, x, FULL), a.repeats)
     res["seconds_per_megapixel_1MP_full_size"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_full_size_best"] = round(best / mp, 3)
     res["auto_tile_1MP"] = d.auto_tile(None, 1024, 1024)
     untiled = DerainOptions(tile=0, work_side=0)
-    d.derain(x, untiled)
-    med, best = timed(lambda: d.derain(x, untiled), a.repeats)
+    default_path(d, x, untiled)
+    med, best = timed(lambda: default_path(d, x, untiled), a.repeats)
     res["seconds_per_megapixel_1MP_untiled"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_untiled_best"] = round(best / mp, 3)
     # the expert check where it runs (both streak experts ranked first): two restorations, two residual masks
     med, best = timed(lambda: derain_checked(d, x), a.repeats)
     res["seconds_per_megapixel_1MP_expert_check"] = round(med / mp, 3)
     res["seconds_per_megapixel_1MP_expert_check_best"] = round(best / mp, 3)
+
+    if a.per_expert:
+        per = {}
+        for e, name in enumerate(EXPERTS):
+            r = one_expert(name)
+            d.derain(x, FULL, routing=r)
+            med, best = timed(lambda r=r: d.derain(x, FULL, routing=r), a.repeats)
+            per[name] = [round(med / mp, 3), round(best / mp, 3)]
+        res["seconds_per_megapixel_1MP_full_size_per_expert_median_best"] = per
 
     n = sum(p.numel() for p in model.parameters())
     res["parameters"] = n
@@ -154,16 +186,16 @@ def cuda_figures(model):
     ref = None
     for dt in ("fp32", "fp16", "bf16"):
         d = Derainer(copy.deepcopy(model), device=dev, dtype=dt)  # Derainer casts the model in place
-        y = d.derain(x, FULL).images
+        y = default_path(d, x, FULL).images
         for _ in range(2):
-            d.derain(x, FULL)
+            default_path(d, x, FULL)
         row = {}
         for name, inp in (("1MP", x), ("8x512", xb)):
             times = []
             for _ in range(5):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                d.derain(inp, FULL)
+                default_path(d, inp, FULL)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             row[f"ms_per_MP_{name}"] = round(1000 * statistics.median(times) / (inp[0].numel() / 3 * inp.shape[0] / 1e6), 1)
@@ -183,7 +215,7 @@ def cuda_figures(model):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            d.derain(torch.rand(1, 3, 2448, 3264), FULL)
+            default_path(d, torch.rand(1, 3, 2448, 3264), FULL)
             torch.cuda.synchronize()
             row["peak_GiB_8MP"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         except torch.cuda.OutOfMemoryError as e:

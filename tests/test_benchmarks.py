@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
@@ -289,3 +290,18 @@ def test_perception_draws_the_chosen_style_and_counts_every_image(tmp_path, tiny
     assert pour != classic  # the heavy images are drawn another way (and the draws after them move)
     with pytest.raises(SystemExit):
         pc.main(args + ["--style", "drizzle"])
+
+
+def test_speed_default_path_perceives_then_restores_with_the_light_network(tiny_model):
+    """The speed figures time the path of a photo the router sends to the light-streaks network, not wherever a
+    random image happens to be routed."""
+    from benchmarks import speed
+    from cliprpn_core import Derainer
+    from cliprpn_core.patterns import EXPERTS
+    d = Derainer(tiny_model)
+    seen = []
+    perceive = d.perceive
+    d.perceive = lambda x, *a, **k: seen.append(x.shape) or perceive(x, *a, **k)
+    r = speed.default_path(d, torch.rand(1, 3, 40, 48), speed.FULL)
+    assert seen == [(1, 3, 40, 48)] and r.images.shape == (1, 3, 40, 48)
+    assert r.routing.tolist() == [[float(e == "light_streaks") for e in EXPERTS]]
