@@ -40,6 +40,18 @@ def int_in(lo: int, hi: int | None = None, zero_ok: bool = False, what: str = "a
     return parse
 
 
+def expert_arg(text):
+    """argparse type for --expert: an expert's index or name (``1``, ``heavy_streaks``)."""
+    from .patterns import EXPERTS
+    if text in EXPERTS:
+        return EXPERTS.index(text)
+    try:
+        return int_in(0, len(EXPERTS) - 1, what="an expert's index or name")(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(
+            f"{err}; experts: " + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS))) from None
+
+
 def check_tiling(tile: int, overlap: int) -> None:
     """With a tile, the overlap must leave a stride of at least half a tile (else most work is redone)."""
     if tile and 2 * overlap >= tile:
@@ -314,8 +326,9 @@ def build_parser():
     d.add_argument("--passes", type=int_in(1, MAX_PASSES, zero_ok=True), default=0,
                    help=f"restoration passes, 0..{MAX_PASSES} (0: the model's own setting; each pass restores the "
                         "previous output)")
-    d.add_argument("--expert", type=int_in(0, len(EXPERTS) - 1), default=None,
-                   help="force one expert for every image: " + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS)))
+    d.add_argument("--expert", type=expert_arg, default=None,
+                   help="force one expert for every image, by index or name: "
+                   + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS)))
     d.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png")
     d.add_argument("--report", help="write per-image pattern, routing and seconds as JSON")
     d.add_argument("--threads", type=int_in(1, 1024, zero_ok=True), default=0, help="CPU threads (0: torch default)")

@@ -103,6 +103,8 @@ REFUSED = [
     ("--top-k 0", lambda ws: [ws / "in", "-o", ws / "out", "--top-k", "0"], "0 is out of range: use 1..4"),
     ("--top-k 99", lambda ws: [ws / "in", "-o", ws / "out", "--top-k", "99"], "99 is out of range: use 1..4"),
     ("--expert 7", lambda ws: [ws / "in", "-o", ws / "out", "--expert", "7"], "7 is out of range: use 0..3"),
+    ("--expert heavy", lambda ws: [ws / "in", "-o", ws / "out", "--expert", "heavy"],
+     "'heavy' is not an expert's index or name; experts: 0 light_streaks, 1 heavy_streaks"),
     ("--passes 99", lambda ws: [ws / "in", "-o", ws / "out", "--passes", "99"], "out of range: use 0 or 1..8"),
     ("--threads -1", lambda ws: [ws / "in", "-o", ws / "out", "--threads", "-1"], "-1 is out of range: use 0 or 1..1024"),
     ("--device foo", lambda ws: [ws / "in", "-o", ws / "out", "--device", "foo"], "unknown device 'foo'"),

@@ -35,6 +35,18 @@ def test_derain_folder_same_names_and_report(images, tiny_ckpt, tmp_path):
     assert abs(sum(r0["routing"].values()) - 1) < 1e-3 and "density:" in r0["pattern"]
 
 
+def test_derain_expert_by_name_or_index(images, tiny_ckpt, tmp_path):
+    outs = {}
+    for e in ("1", "heavy_streaks", "0"):
+        out = tmp_path / f"e{e}"
+        assert main(["derain", str(images / "img0.png"), "-o", str(out), "--checkpoint", str(tiny_ckpt),
+                     "--device", "cpu", "--expert", e, "--report", str(tmp_path / f"{e}.json"), "-q"]) == 0
+        outs[e] = np.asarray(Image.open(out / "img0.png"))
+        routing = json.loads((tmp_path / f"{e}.json").read_text())["images"][0]["routing"]
+        assert max(routing, key=routing.get) == ("light_streaks" if e == "0" else "heavy_streaks")
+    assert np.array_equal(outs["1"], outs["heavy_streaks"]) and not np.array_equal(outs["1"], outs["0"])
+
+
 def test_derain_passes_option(images, tiny_ckpt, tmp_path):
     outs = {}
     for n in (1, 2):
