@@ -79,12 +79,10 @@ def peak_rss_child(ck, threads, h, w, tile=None, work_side=None):
 import resource, torch
 torch.set_num_threads({threads})
 from cliprpn_core import Derainer, DerainOptions, load_model
-from cliprpn_core.patterns import EXPERTS
+from benchmarks.speed import default_path
 d = Derainer(load_model({str(ck)!r}))
 x = torch.rand(1, 3, {h}, {w})
-d.perceive(x)  # as speed.default_path: perception, then the light-streaks network
-r = d.derain(x, DerainOptions(tile={tile}{'' if work_side is None else f', work_side={work_side}'}),
-             routing=torch.eye(len(EXPERTS))[EXPERTS.index({TIMED_EXPERT!r})][None])
+r = default_path(d, x, DerainOptions(tile={tile}{'' if work_side is None else f', work_side={work_side}'}))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     t = time.perf_counter()  # run in the repository root: `-c` imports cliprpn_core from there
@@ -132,7 +130,7 @@ def main():
 
     if a.per_expert:
         per = {}
-        for e, name in enumerate(EXPERTS):
+        for name in EXPERTS:
             r = one_expert(name)
             d.derain(x, FULL, routing=r)
             med, best = timed(lambda r=r: d.derain(x, FULL, routing=r), a.repeats)
