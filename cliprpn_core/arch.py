@@ -72,7 +72,9 @@ class Block(nn.Module):
         return self._identity
 
     def forward(self, x):
-        if not torch.is_grad_enabled() and self.is_identity():
+        if torch.is_grad_enabled():  # training: the scales may then change where no version counter sees it
+            self._identity_key = None  # (a fused optimiser's step): decide afresh at the next inference
+        elif self.is_identity():
             return x
         y = self.dw(self.pw1(self.norm1(x)))
         a, b = y.chunk(2, 1)

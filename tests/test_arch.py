@@ -488,6 +488,18 @@ def test_identity_blocks_are_skipped_without_gradients_and_run_with_them(tiny_mo
         calls.clear()
         deeper.eval()(x, routing=r)
     assert len(calls) == 1 and not new[0].is_identity() and new[1].is_identity()
+    # a fused optimiser updates the scales without bumping their version counters: a training forward in between
+    # makes the next inference look again
+    opt = torch.optim.AdamW([new[1].beta], lr=0.1, fused=True)
+    deeper.train()
+    deeper(x, routing=r).image.square().mean().backward()
+    version = new[1].beta._version
+    opt.step()
+    assert new[1].beta._version == version and new[1].beta.abs().sum() > 0  # unseen by the version counter
+    calls.clear()
+    with torch.no_grad():
+        deeper.eval()(x, routing=r)
+    assert len(calls) == 2 and not new[1].is_identity()
     for h in hooks:
         h.remove()
 
