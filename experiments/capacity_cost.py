@@ -45,8 +45,8 @@ def main():
         torch.manual_seed(0)
         model = CLIPRPN(replace(base, **change)).eval()
         with torch.no_grad():  # open the residual scales: blocks left at zero are the identity and skipped
-            for name, p in model.named_parameters():
-                if name.endswith((".beta", ".gamma")):
+            for pname, p in model.named_parameters():
+                if pname.endswith((".beta", ".gamma")):
                     p.fill_(0.01)
         d = Derainer(model)
         d.derain(x, FULL)  # at full size: the network's own cost, what the speed bar measures
