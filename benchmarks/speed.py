@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -33,18 +34,13 @@ FULL = DerainOptions(work_side=0)  # restored at full size
 TIMED_EXPERT = "light_streaks"  # the network the default-path figures restore with (see default_path)
 
 
-def one_expert(name: str) -> torch.Tensor:
-    """Routing [1,E] that sends an image to the expert ``name``."""
-    return torch.eye(len(EXPERTS))[EXPERTS.index(name)][None]
-
-
 def default_path(d: Derainer, x: torch.Tensor, options: DerainOptions | None = None):
     """The default path of a photo the router sends to the light-streaks network, the one it picks for most rainy
     photos (97 of the 100 Rain100L images): perception as the default path runs it (its answer unused), then
     restoration by that network. Left to perception, a random image goes wherever noise looks like rain to the pattern
     head (the veil network, the cheapest once identity blocks are skipped): a path rainy photos seldom take."""
     d.perceive(x)
-    return d.derain(x, options, routing=one_expert(TIMED_EXPERT))
+    return d.derain(x, replace(options or DerainOptions(), expert=EXPERTS.index(TIMED_EXPERT)))
 
 
 def derain_checked(d: Derainer, x: torch.Tensor):
@@ -130,10 +126,10 @@ def main():
 
     if a.per_expert:
         per = {}
-        for name in EXPERTS:
-            r = one_expert(name)
-            d.derain(x, FULL, routing=r)
-            med, best = timed(lambda r=r: d.derain(x, FULL, routing=r), a.repeats)
+        for e, name in enumerate(EXPERTS):
+            forced = replace(FULL, expert=e)
+            d.derain(x, forced)
+            med, best = timed(lambda forced=forced: d.derain(x, forced), a.repeats)
             per[name] = [round(med / mp, 3), round(best / mp, 3)]
         res["seconds_per_megapixel_1MP_full_size_per_expert_median_best"] = per
 

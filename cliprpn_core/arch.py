@@ -66,8 +66,7 @@ class Block(nn.Module):
         key = tuple((id(p), None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
                     for p in (self.beta, self.gamma))
         if key != self._identity_key:
-            with torch.no_grad():
-                self._identity = not (bool(self.beta.detach().any()) or bool(self.gamma.detach().any()))
+            self._identity = not (bool(self.beta.any()) or bool(self.gamma.any()))
             self._identity_key = key
         return self._identity
 
