@@ -40,6 +40,10 @@ class Block(nn.Module):
     :func:`grow_from` adds, and a network assembled beside a deeper one carries them). Without gradients
     (inference) such a block is skipped, which is exact for finite inputs: one network may then be deeper than the
     others of the same model at no cost to them. With gradients it always runs, so that its zero scales can learn.
+
+    Without gradients the scales are also folded into the 1x1 convolutions before them (``pw2``, ``ffn2``: the
+    same map up to float rounding), which saves two full-size multiplications per block, and each residual sum is
+    taken in place in the convolution's fresh output.
     """
 
     def __init__(self, c: int, expand: int = 2):
@@ -55,31 +59,50 @@ class Block(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
-        self._identity_key = None  # what is_identity's answer was computed from
-        self._identity = False
+        self._inference_key = None  # what the inference cache was computed from
+        self._inference = None  # (is the identity, pw2 and ffn2 weights and biases with the scales folded in)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._inference_key = self._inference = None  # moved or cast: the folded copies must not keep old memory
+        return super()._apply(fn, *args, **kwargs)
+
+    def _inference_cache(self):
+        """(identity, w2, b2, w3, b3), cached: recomputed (small reductions and products, a device sync) only after
+        the scales or the folded convolutions changed in place (their version counters), were replaced, or moved.
+        Weights made in ``torch.inference_mode`` (a model loaded inside a ComfyUI node) carry no version counter;
+        they cannot be trained, and are taken as fixed while they stay in place."""
+        params = (self.beta, self.gamma, self.pw2.weight, self.pw2.bias, self.ffn2.weight, self.ffn2.bias)
+        key = tuple((id(p), None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
+                    for p in params)
+        if key != self._inference_key:
+            with torch.no_grad():
+                beta, gamma = self.beta.reshape(-1), self.gamma.reshape(-1)
+                identity = not (bool(beta.any()) or bool(gamma.any()))
+                self._inference = (identity,
+                                   self.pw2.weight * beta.view(-1, 1, 1, 1), self.pw2.bias * beta,
+                                   self.ffn2.weight * gamma.view(-1, 1, 1, 1), self.ffn2.bias * gamma)
+            self._inference_key = key
+        return self._inference
 
     def is_identity(self) -> bool:
-        """Whether ``beta`` and ``gamma`` are all zero. Cached: recomputed (one small reduction, a device sync)
-        only after the scales changed in place (their version counter), were replaced, or moved. Weights made in
-        ``torch.inference_mode`` (a model loaded inside a ComfyUI node) carry no version counter; they cannot be
-        trained, and are taken as fixed while they stay in place."""
-        key = tuple((id(p), None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
-                    for p in (self.beta, self.gamma))
-        if key != self._identity_key:
-            self._identity = not (bool(self.beta.any()) or bool(self.gamma.any()))
-            self._identity_key = key
-        return self._identity
+        """Whether ``beta`` and ``gamma`` are all zero (cached, see :meth:`_inference_cache`)."""
+        return self._inference_cache()[0]
 
     def forward(self, x):
         if torch.is_grad_enabled():  # training: the scales may then change where no version counter sees it
-            self._identity_key = None  # (a fused optimiser's step): decide afresh at the next inference
-        elif self.is_identity():
+            self._inference_key = self._inference = None  # (a fused optimiser's step): decide afresh next time
+            y = self.dw(self.pw1(self.norm1(x)))
+            a, b = y.chunk(2, 1)
+            x = x + self.pw2(a * b) * self.beta
+            a, b = self.ffn1(self.norm2(x)).chunk(2, 1)
+            return x + self.ffn2(a * b) * self.gamma
+        identity, w2, b2, w3, b3 = self._inference_cache()
+        if identity:
             return x
-        y = self.dw(self.pw1(self.norm1(x)))
-        a, b = y.chunk(2, 1)
-        x = x + self.pw2(a * b) * self.beta
+        a, b = self.dw(self.pw1(self.norm1(x))).chunk(2, 1)
+        x = F.conv2d(a * b, w2, b2).add_(x)
         a, b = self.ffn1(self.norm2(x)).chunk(2, 1)
-        return x + self.ffn2(a * b) * self.gamma
+        return F.conv2d(a * b, w3, b3).add_(x)
 
 
 def _blocks(c: int, n: int, expand: int) -> nn.Sequential:

@@ -517,3 +517,41 @@ def test_identity_blocks_of_a_model_made_in_inference_mode(tmp_path, tiny_model)
     with torch.inference_mode():
         m = load_model(tmp_path / "m.safetensors").eval()
         torch.testing.assert_close(m(x, routing=r).image, tiny_model.eval()(x, routing=r).image, atol=1e-6, rtol=0)
+
+
+def test_inference_folds_the_residual_scales_and_follows_weight_changes(tiny_model):
+    """Without gradients a block runs with beta and gamma folded into pw2 and ffn2: the training path's output up
+    to float rounding. The folded copies follow in-place weight changes, replaced weights and moves (cast: the cache
+    is dropped, so an offloaded model keeps no folded copy on its old device)."""
+    from cliprpn_core.arch import Block
+    x, r = torch.rand(2, 3, 32, 48), torch.eye(4)[[0, 2]]
+    m = tiny_model.requires_grad_(False)  # the gradient path then builds no graph, but runs the unfolded sums
+    blocks = [b for b in m.modules() if isinstance(b, Block)]
+    assert blocks and not any(b.is_identity() for b in blocks)
+
+    def both():
+        with torch.no_grad():
+            folded = m(x, routing=r).image
+        with torch.enable_grad():
+            plain = m(x, routing=r).image
+        return folded, plain
+
+    folded, plain = both()
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        m(x, routing=r)
+        b = blocks[0]
+        first = b._inference
+        b.pw2.weight.mul_(-1.5)  # in place: a version counter moves
+        b.ffn2.bias = torch.nn.Parameter(torch.randn_like(b.ffn2.bias), requires_grad=False)  # replaced
+        changed = m(x, routing=r).image
+        assert b._inference is not first
+    folded, plain = both()
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=0)
+    assert torch.equal(changed, folded)
+    m.double()  # a cast clears the cache; the next run folds again in float64
+    assert all(b._inference is None for b in blocks)
+    with torch.no_grad():
+        out64 = m(x.double(), routing=r.double()).image
+    assert blocks[0]._inference[1].dtype == torch.float64
+    torch.testing.assert_close(out64.float(), plain, atol=1e-5, rtol=0)
