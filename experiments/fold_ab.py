@@ -13,6 +13,7 @@ import torch
 
 from cliprpn_core import default_model_path
 from cliprpn_core.checkpoint import load_model
+from cliprpn_core.patterns import EXPERTS
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--checkpoint", default=None)
@@ -24,7 +25,7 @@ torch.manual_seed(0)
 m = load_model(args.checkpoint or default_model_path()).eval().requires_grad_(False)
 m = m.to(memory_format=torch.channels_last)
 x = torch.rand(1, 3, 512, 1024).contiguous(memory_format=torch.channels_last)
-r = torch.eye(m.config.num_experts)[:1]  # light streaks
+r = torch.eye(len(EXPERTS))[EXPERTS.index("light_streaks")][None]
 mp = x.shape[-2] * x.shape[-1] / 1e6
 paths = {"folded (inference)": torch.no_grad, "unfolded (gradient path)": torch.enable_grad}
 out = {}
