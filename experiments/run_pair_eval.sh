@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Evaluation of a light-network test (experiments/stageN_{control,grown}.toml, N = 22, 24, 27;
-# stage29_light_longer.toml, stage31_light_grown_third.toml, stage35_light_longer.toml, stage36_light_grown_fourth.toml, stage37_light_grown_half.toml, stage39_light_patch256.toml;
+# stage29_light_longer.toml, stage31_light_grown_third.toml, stage35_light_longer.toml, stage36_light_grown_fourth.toml, stage37_light_grown_half.toml, stage39_light_patch256.toml, stage40_light_downpour.toml;
 # reading and ship rule in their headers).
 # Usage: experiments/run_pair_eval.sh STAGE RUN STEP [full] [THREADS]
-#   (STAGE: 22, 24, 27, 29, 31, 35, 36, 37 or 39; RUN: control, grown or light; outputs in runs/stageSTAGE_cmp/)
+#   (STAGE: 22, 24, 27, 29, 31, 35, 36, 37, 39 or 40; RUN: control, grown or light; outputs in runs/stageSTAGE_cmp/)
 #   The light network alone on Rain100L (the learning curve); with `full` the assembled model (light network = this
 #   snapshot, the rest = the shipped model, grown with identity blocks for the grown run) by the ship rule's
 #   benchmarks, every figure the model card gives, and the real-rain contact sheet against the shipped model.
