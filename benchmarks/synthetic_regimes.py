@@ -2,13 +2,15 @@
 PNG, Y-PSNR / SSIM read back from the files), grouped by each image's labelled expert (light streaks, heavy
 streaks, raindrops, veil).
 
-  python -m benchmarks.synthetic_regimes CKPT [CKPT...] [--set DIR | --clean DIR -n 160 --size 256 --seed 1234]
-                                          [--check | --expert NAME] [--threads 1] [--json out.json]
+  python -m benchmarks.synthetic_regimes CKPT [CKPT...] [--set DIR | --clean DIR -n 160 --size 256 --seed 1234
+                                          --style classic] [--check | --expert NAME] [--threads 1] [--json out.json]
 
 Without --set the set is written first (as ``cliprpn synth CLEAN -o DIR -n N --size S --seed K`` writes it:
 the same seed gives the same images) into a temporary folder. The synthetic set is our own rain over
 ../shared/data/clean, not a benchmark from the literature: its figures measure how each checkpoint does across
 rain regimes (the regression check of the model card), and are not comparable with published numbers.
+``--style downpour`` draws the heavy-streak images as photographed-style downpours (streaks at three depths, an
+uneven accumulation veil; ``synthesis.downpour``) and the other regimes as the default ("classic") set does.
 Also printed: how often routing picks the labelled expert (a diagnostic; the labels come from the synthesis).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cliprpn_core.checkpoint import load_model
 from cliprpn_core.data import write_labelled_set
 from cliprpn_core.inference import Derainer, DerainOptions
 from cliprpn_core.patterns import EXPERTS
+from cliprpn_core.synthesis import STYLES
 
 from .common import DATA, derain_set
 
@@ -76,6 +79,8 @@ def main():
     ap.add_argument("-n", "--count", type=int, default=160)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--style", choices=STYLES, default="classic",
+                    help="synthesis style of the written set (downpour: heavy streaks as photographed downpours)")
     ap.add_argument("--check", action="store_true", help="also: routed with the expert check")
     ap.add_argument("--expert", choices=EXPERTS,
                     help="every image through this one expert (e.g. a network trained without routing) instead")
@@ -95,8 +100,10 @@ def main():
             src = f"set {set_dir}"
         else:
             set_dir = Path(tmp) / "set"
-            labels = write_labelled_set(a.clean, set_dir, a.count, a.size, a.seed)
+            labels = write_labelled_set(a.clean, set_dir, a.count, a.size, a.seed, style=a.style)
             src = f"{a.count} images, {a.size} px, seed {a.seed}, over {' '.join(a.clean)}"
+            if a.style != "classic":
+                src += f", style {a.style}"
         print(f"synthetic set: {src}", flush=True)
         results = {}
         for ck in a.checkpoints:

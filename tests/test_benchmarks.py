@@ -214,6 +214,41 @@ def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
     assert list(g) == ["light_streaks", "veil", "all"]
 
 
+def test_synthetic_regimes_writes_the_set_in_the_style_asked_for(tmp_path, tiny_ckpt, monkeypatch):
+    import json
+    import numpy as np
+    from PIL import Image
+    from cliprpn_core.data import write_labelled_set
+    sr = _load("synthetic_regimes")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (112, 120, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    written = {}
+
+    def write(clean_dirs, out, count, size, seed, style="classic"):
+        labels = write_labelled_set(clean_dirs, out, count, size, seed, style=style, progress=False)
+        written[style] = {n: (Path(out) / "rain" / n).read_bytes() for n in labels}, labels
+        return labels
+
+    monkeypatch.setattr(sr, "write_labelled_set", write)
+    sets = {}
+    for style in ("classic", "downpour"):
+        out = tmp_path / f"{style}.json"
+        monkeypatch.setattr(sys, "argv", ["synthetic_regimes", str(tiny_ckpt), "--clean", str(clean), "-n", "12",
+                                          "--size", "96", "--seed", "5", "--style", style, "--threads", "1",
+                                          "--json", str(out)])
+        sr.main()
+        sets[style] = json.loads(out.read_text())
+    assert "downpour" in sets["downpour"]["set"] and "style" not in sets["classic"]["set"]
+    assert sets["downpour"]["results"][str(tiny_ckpt)]["routed"]["all"]["n"] == 12
+    # each run wrote its set in its own style: the same seed, other rain once a heavy-streak image is drawn
+    (ci, cl), (di, dl) = written["classic"], written["downpour"]
+    first = min(n for n, v in dl.items() if v["expert"] == "heavy_streaks")
+    assert all(ci[n] == di[n] for n in dl if n < first) and ci[first] != di[first]
+
+
 def test_speed_timing_reports_median_and_fastest(monkeypatch):
     from benchmarks import speed
     clock = iter([0.0, 3.0, 10.0, 12.0, 20.0, 24.0])  # three runs lasting 3, 2 and 4 seconds
