@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--passes", type=int, default=0, help="restoration passes (0: each model's own setting)")
     ap.add_argument("--check", action="store_true", help="also: routed with the expert check")
     ap.add_argument("--check-ratio", type=float, default=CHECK_RATIO, help="the expert check's residual-rain ratio")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="routed runs without the model's verification of light routing (config.verify_light_mask)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -83,7 +85,7 @@ def main():
         ap.error("--expert replaces the routed runs: it does not go with --experts, --check or --self-ensemble")
     torch.set_num_threads(a.threads)
     results = {}
-    routed = DerainOptions(top_k=a.top_k, passes=a.passes or None)
+    routed = DerainOptions(top_k=a.top_k, passes=a.passes or None, verify=not a.no_verify)
     checked = replace(routed, check=True, check_ratio=a.check_ratio)
     for ck in a.checkpoints:
         d = Derainer(load_model(ck))

@@ -618,7 +618,8 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
              and not s.config.same_weights(shared)]
     if grown:
         # perception (and how it views an image) stays the model's
-        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view))
+        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view,
+                              verify_light_mask=cfg.verify_light_mask))
         try:
             grow_from(big, model)
         except ValueError as err:
@@ -657,7 +658,7 @@ def shared_network_of(model: CLIPRPN, expert: int) -> CLIPRPN:
             state[f"experts.{e}.{rest[len('experts.0.'):]}"] = v.clone()
         elif k.startswith(mine):
             state[rest] = v.clone()
-    out = CLIPRPN(replace(cfg, expert_scope="bottleneck"))
+    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0))
     out.load_state_dict(state)
     return out
 

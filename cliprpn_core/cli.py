@@ -86,7 +86,7 @@ def derain_options(args):
     from .inference import DerainOptions
     return DerainOptions(top_k=args.top_k, expert=args.expert, tile=args.tile or None, overlap=args.overlap,
                          self_ensemble=args.self_ensemble, passes=args.passes or None, check=args.check,
-                         work_side=args.work_side)
+                         work_side=args.work_side, verify=not args.no_verify)
 
 
 def _derain_settings(args, ck) -> dict:
@@ -99,7 +99,7 @@ def _derain_settings(args, ck) -> dict:
     return {"checkpoint": ck_id, "clip": args.clip, "clip_arch": args.clip_arch, "dtype": args.dtype,
             "top_k": args.top_k, "expert": args.expert, "tile": args.tile, "overlap": args.overlap,
             "self_ensemble": args.self_ensemble, "passes": args.passes, "check": args.check,
-            "save_mask": args.save_mask, "work_side": args.work_side}
+            "save_mask": args.save_mask, "work_side": args.work_side, "verify": not args.no_verify}
 
 
 def cmd_derain(args):
@@ -322,6 +322,11 @@ def build_parser():
     d.add_argument("--check", action="store_true",
                    help="expert check: restore with the two best-ranked experts and keep the runner-up where the "
                         "model finds clearly less rain left in its output (about 3x slower)")
+    d.add_argument("--no-verify", action="store_true",
+                   help="keep the light-streaks network for every image perception routes to it, also where that "
+                        "network finds too little of the rain it knows (by default such an image, a downpour or rain "
+                        "haze taken for light rain, goes to the heavy-streaks network: the model's "
+                        "verify_light_mask)")
     d.add_argument("--top-k", type=int_in(1, len(EXPERTS)), default=1, help=f"experts per image, 1..{len(EXPERTS)}")
     d.add_argument("--passes", type=int_in(1, MAX_PASSES, zero_ok=True), default=0,
                    help=f"restoration passes, 0..{MAX_PASSES} (0: the model's own setting; each pass restores the "

@@ -53,6 +53,12 @@ class CLIPRPNConfig:
     # masks, cross-attention, decoder: the shape above with one expert), so training one rain type moves nothing that
     # another uses; compute per image is the same under top-1 routing, parameters are num_experts times.
     expert_scope: str = "bottleneck"
+    # the light routing verified (network scope): an image routed to the light-streaks network alone whose mean rain
+    # mask from that network's own restoration pass is below this goes to the heavy-streaks network instead. The light
+    # network's mask estimator recognises the rain it learned (every training image of its scores above the value the
+    # shipped file sets); photographed downpours and rain haze, which perception takes for light rain, score below.
+    # 0 = off (older files). Inference only: DerainOptions(verify=False) turns it off per call.
+    verify_light_mask: float = 0.0
 
     def __post_init__(self):
         n = len(self.widths)
@@ -73,12 +79,16 @@ class CLIPRPNConfig:
         check_passes(self.passes)
         if self.head_view < 0:
             raise ValueError(f"head_view must be 0 (whole image) or a crop side in pixels, got {self.head_view}")
+        if not 0.0 <= self.verify_light_mask < 1.0:
+            raise ValueError(f"verify_light_mask must be in [0, 1) (0: off), got {self.verify_light_mask}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
-        """True when the two configs describe the same tensors (they may differ in ``passes`` and ``head_view``)."""
-        return replace(self, passes=other.passes, head_view=other.head_view) == other
+        """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view`` and
+        ``verify_light_mask``)."""
+        return replace(self, passes=other.passes, head_view=other.head_view,
+                       verify_light_mask=other.verify_light_mask) == other
 
     @property
     def scale_factor(self) -> int:

@@ -260,7 +260,8 @@ def count_tiles(h, w, tile, overlap, multiple) -> int:
 # expert cost 1.7 dB on veil images. The ratio is the best on training data only (real training pairs, their rain
 # layers over clean photos, synthetic rain): `python -m benchmarks.routing_check` (models/MODEL_CARD.md).
 CHECK_RATIO = 0.4
-CHECK_EXPERTS = (EXPERTS.index("light_streaks"), EXPERTS.index("heavy_streaks"))
+LIGHT, HEAVY = EXPERTS.index("light_streaks"), EXPERTS.index("heavy_streaks")
+CHECK_EXPERTS = (LIGHT, HEAVY)
 
 
 def check_candidates(routing: torch.Tensor, ranking: torch.Tensor | None = None, k: int = 2,
@@ -307,7 +308,9 @@ class DerainOptions:
     restoration passes (None: the model's ``config.passes``; each pass restores the previous output with
     the same routing; the mask is the first pass's); ``check``: the expert check (see
     :meth:`Derainer.derain`) with its ``check_ratio``; ``work_side``: the working size (see WORK_SIDE; 0: full
-    size), under which every other option applies to the image brought to that shorter side."""
+    size), under which every other option applies to the image brought to that shorter side; ``verify``: the
+    model's verification of light routing (``config.verify_light_mask``; see :meth:`Derainer.derain`), on by default
+    where the model sets it."""
     top_k: int = 1
     temperature: float = 1.0
     expert: int | None = None
@@ -318,6 +321,7 @@ class DerainOptions:
     check: bool = False
     check_ratio: float = CHECK_RATIO
     work_side: int = WORK_SIDE
+    verify: bool = True
 
     def checked(self) -> DerainOptions:
         """The options with ``passes`` as an int in range (ValueError otherwise), a valid check ratio and working
@@ -369,6 +373,7 @@ class _Batch:
     source: str
     mask: torch.Tensor | None  # [B,1,H',W'] padded, 0..1
     check: bool  # the expert check runs (never under a manual expert)
+    verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
 
 
 class _Steps:
@@ -502,6 +507,15 @@ class Derainer:
         its longer side at most ``max_side``; nothing is computed unless it is called. The expert check's
         residual-rain runs are not previewed.
 
+        Light routing verified (``options.verify`` and a model whose ``config.verify_light_mask`` is above 0, whole-
+        network experts): an image routed to the light-streaks network alone keeps it only if the mean of that
+        network's own rain mask, from its restoration pass, reaches ``verify_light_mask``; otherwise it is restored
+        by the heavy-streaks network instead (and the result's routing says so). The light network's mask estimator
+        recognises the rain it learned; photographed downpours and rain haze, which perception takes for light rain,
+        score far below. An image kept costs nothing more, one handed over is restored twice. Only routing decided
+        automatically is verified: perceived here, or given with a router's ranking (an Expert Router node without
+        an override); never a manual expert, a routing given without a ranking, or under the expert check.
+
         The working size (``options.work_side``): an image whose shorter side is above it is perceived, routed and
         restored as described above at that shorter side (tiles, preview and a given mask included); the rain
         removed there, upsampled, is taken off the full-size image, and the mask is upsampled."""
@@ -533,6 +547,7 @@ class Derainer:
         rgb, alpha, c, h, w = self._prep(images)
         b, e = rgb.shape[0], self.model.config.num_experts
         source, check = "given", opt.check
+        automatic = opt.expert is None and (routing is None or ranking is not None)  # what verification may change
         if opt.expert is not None:  # a manual expert choice wins over any routing (and is not checked)
             routing = route(torch.zeros(b, e), override=opt.expert)
             check = False
@@ -556,7 +571,10 @@ class Derainer:
             pattern = torch.full((b, PATTERN_DIM), float("nan"))  # not perceived
         if mask is not None:
             mask = self._guide_mask(mask, b, h, w)
-        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check)
+        cfg = self.model.config
+        verify = cfg.verify_light_mask if (opt.verify and automatic and not check and cfg.verify_light_mask > 0
+                                           and cfg.expert_scope == "network" and e > HEAVY) else 0.0
+        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify)
 
     def _guide_mask(self, mask, b, h, w) -> torch.Tensor:
         """A given rain mask [B,1,H,W] or [B,H,W] -> [B,1,H',W'] 0..1 at the padded image size."""
@@ -611,6 +629,13 @@ class Derainer:
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
                 routing[i] = self._one_expert(chosen)[0]
+            elif batch.verify and bool((routing[i] == self._one_expert(LIGHT)[0]).all()):
+                first = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
+                if float(first[1].mean()) < batch.verify:  # too little of the rain the light network knows
+                    routing[i] = self._one_expert(HEAVY)[0]
+                    steps.total += n_tiles  # the light network's restoration was one run more
+                else:
+                    done = {(): first}
             r = routing[i:i + 1].to(self.device)
             o = m = 0
             for dims in flips:  # flip(()) is the identity

@@ -42,15 +42,19 @@ def main(argv=None) -> int:
     ap.add_argument("--head-view", type=int, default=None, metavar="N",
                     help="set the output's config.head_view (what the pattern head sees: 0 = the whole image resized, "
                          "N = crops of N px, their probabilities averaged); default: the base's. Weights are unchanged")
+    ap.add_argument("--verify-light-mask", type=float, default=None, metavar="X",
+                    help="set the output's config.verify_light_mask (an image routed to the light-streaks network whose "
+                         "mean rain mask from that network is below X goes to the heavy-streaks network; 0 = off); "
+                         "default: the base's. Weights are unchanged")
     ap.add_argument("--extract", metavar="NAME",
                     help="write expert NAME's network of a whole-network-expert --base as a shared-network model "
-                         "(to train it further); takes no --expert or --head-view")
+                         "(to train it further); takes no --expert, --head-view or --verify-light-mask")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
     base = load_model(a.base)
     if a.extract is not None:
-        if a.expert or a.head_view is not None:
-            ap.error("--extract takes no --expert or --head-view")
+        if a.expert or a.head_view is not None or a.verify_light_mask is not None:
+            ap.error("--extract takes no --expert, --head-view or --verify-light-mask")
         e = _expert_index(a.extract, base.config.num_experts)
         if e < 0:
             ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
@@ -77,11 +81,12 @@ def main(argv=None) -> int:
         model = replace_network_experts(base, {e: loaded[p] for e, p in enumerate(paths) if p != a.base})
     else:
         model = network_experts_from([loaded[p] for p in paths], perception=base)
-    if a.head_view is not None:
-        try:
-            model.config = replace(model.config, head_view=a.head_view)
-        except ValueError as e:
-            ap.error(str(e))
+    for key, value in (("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask)):
+        if value is not None:
+            try:
+                model.config = replace(model.config, **{key: value})
+            except ValueError as e:
+                ap.error(str(e))
     kept = " (its own network)" if base.config.expert_scope == "network" else ""
     save_model(model, a.out, extra_meta={"assembled_from": {
         EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}})

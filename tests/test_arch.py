@@ -343,6 +343,18 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
     from cliprpn_core.arch import replace_network_experts
     with pytest.raises(ValueError, match="whole networks"):
         replace_network_experts(base, {0: newer})
+    # the light routing's verification threshold is set in the config, the weights unchanged; --extract takes none
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net2.safetensors"),
+                          "--verify-light-mask", "0.03", "-o", str(tmp_path / "net3.safetensors")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    third = load_model(tmp_path / "net3.safetensors")
+    assert third.config.verify_light_mask == 0.03 and third.config.same_weights(again.config)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in third.state_dict().items())
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net3.safetensors"), "--extract",
+                          "light_streaks", "--verify-light-mask", "0.1", "-o", str(tmp_path / "x.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--verify-light-mask" in bad.stderr
     with pytest.raises(ValueError, match="not a shared-network model"):
         replace_network_experts(again, {1: again})
 

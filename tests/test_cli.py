@@ -71,6 +71,26 @@ def test_derain_work_side_option_and_a_rerun_redoes_the_images(tmp_path, tiny_ck
     assert full.shape == small.shape == (150, 200, 3) and not np.array_equal(full, small)
 
 
+def test_derain_no_verify_keeps_the_light_network(images, tmp_path, tiny_network_model):
+    import json
+    from dataclasses import replace
+
+    from cliprpn_core import save_model
+    m = tiny_network_model
+    with torch.no_grad():
+        m.router.linear.bias.copy_(torch.tensor([9.0, -9.0, -9.0, -9.0]))  # perception routes to the light network
+    m.config = replace(m.config, verify_light_mask=0.99)  # ... which never finds that much rain: handed over
+    ck = tmp_path / "v.safetensors"
+    save_model(m, ck)
+    routed = {}
+    for flag in ((), ("--no-verify",)):
+        out = tmp_path / ("off" if flag else "on")
+        assert main(["derain", str(images / "img0.png"), "-o", str(out), "--checkpoint", str(ck), "--device", "cpu",
+                     "-q", "--report", str(out / "r.json"), *flag]) == 0
+        routed[bool(flag)] = json.loads((out / "r.json").read_text())["images"][0]["routing"]
+    assert routed == {False: {"heavy_streaks": 1.0}, True: {"light_streaks": 1.0}}
+
+
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "zero.jpg").write_bytes(b"")

@@ -293,14 +293,112 @@ def test_check_with_self_ensemble_tiles_and_progress(derainer):
     assert all(n == total for _, n in calls) and calls[-1][0] == total  # one bar, ends full
 
 
+# -- light routing verified by the light network's own mask --------------------------------------------------------
+
+LIGHT_ROW = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.fixture
+def verifying(tiny_network_model):
+    """A whole-network-expert model whose heavy-streaks network differs from its light one, and its light network's
+    mean rain mask on the test image (what the verification compares with config.verify_light_mask)."""
+    m = tiny_network_model
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in m.experts[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = Derainer(m, device="cpu", dtype="fp32")
+    x = torch.rand(2, 3, 40, 56)
+    light = d.derain(x, DerainOptions(expert=0))
+    return d, x, light, [float(light.masks[i].mean()) for i in range(2)]
+
+
+def _set_verify(d, value):
+    from dataclasses import replace
+    d.model.config = replace(d.model.config, verify_light_mask=value)
+
+
+def test_verify_hands_an_image_with_too_little_light_rain_to_the_heavy_network(verifying):
+    d, x, light, means = verifying
+    heavy = d.derain(x, DerainOptions(expert=1))
+    assert (light.images - heavy.images).abs().max() > 1e-3  # the two networks differ here
+    ranking = torch.tensor([[2.0, 1.0, 0.0, 0.0]])  # as an Expert Router node without an override passes it
+    lo, hi = sorted(means)
+    _set_verify(d, (lo + hi) / 2)  # the image with the smaller light mask goes over, the other stays
+    r = d.derain(x, routing=LIGHT_ROW.expand(2, -1), ranking=ranking)
+    moved = [i for i in range(2) if means[i] < (lo + hi) / 2]
+    assert len(moved) == 1
+    for i in range(2):
+        want = heavy if i in moved else light
+        assert r.routing[i].argmax().item() == (1 if i in moved else 0) and r.routing[i].sum() == 1
+        assert torch.allclose(r.images[i], want.images[i], atol=1e-6)
+        assert torch.allclose(r.masks[i], want.masks[i], atol=1e-6)
+    # perceived and routed inside derain (the router made to pick the light network): verified the same way
+    with torch.no_grad():
+        d.model.router.linear.bias.copy_(torch.tensor([9.0, -9.0, -9.0, -9.0]))
+    _set_verify(d, hi + 1e-3)  # both images go over
+    both = d.derain(x)
+    assert both.routing.argmax(1).tolist() == [1, 1] and torch.allclose(both.images, heavy.images, atol=1e-6)
+    _set_verify(d, lo - 1e-3)  # both stay
+    assert d.derain(x).routing.argmax(1).tolist() == [0, 0]
+
+
+def test_verify_with_self_ensemble_tiles_and_one_progress_bar(verifying):
+    d, x, light, means = verifying
+    _set_verify(d, max(means) + 1e-3)
+    calls = []
+    opt = DerainOptions(self_ensemble=True, tile=32, overlap=8)
+    r = d.derain(x[:1], opt, routing=LIGHT_ROW, ranking=LIGHT_ROW, progress=lambda i, n: calls.append((i, n)))
+    ref = d.derain(x[:1], DerainOptions(expert=1, self_ensemble=True, tile=32, overlap=8))
+    assert r.routing.argmax(1).tolist() == [1] and torch.allclose(r.images, ref.images, atol=1e-6)
+    total = calls[-1][1]
+    assert calls[-1][0] == total and all(i <= total for i, _ in calls)  # the bar ends full, never past it
+
+
+def test_verify_leaves_manual_given_and_checked_routing_alone_and_can_be_turned_off(verifying, tiny_model):
+    d, x, light, means = verifying
+    _set_verify(d, max(means) + 1e-3)  # every light-routed image would go over if verified
+    assert d.derain(x, DerainOptions(expert=0)).routing.argmax(1).tolist() == [0, 0]  # a manual expert
+    assert d.derain(x, routing=LIGHT_ROW).routing.argmax(1).tolist() == [0, 0]  # routing given without a ranking
+    off = d.derain(x, DerainOptions(verify=False), routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert off.routing.argmax(1).tolist() == [0, 0] and torch.allclose(off.images, light.images, atol=1e-6)
+    # the expert check decides by its own measure, not this one
+    checked = d.derain(x, DerainOptions(check=True, check_ratio=1e-9), routing=torch.zeros(2, 4),
+                       ranking=torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
+    assert checked.routing.argmax(1).tolist() == [0, 0]
+    # a shared-network model has no light network of its own to ask: never verified
+    shared = Derainer(tiny_model, device="cpu", dtype="fp32")
+    _set_verify(shared, 0.99)
+    assert shared.derain(x, routing=LIGHT_ROW, ranking=LIGHT_ROW).routing.argmax(1).tolist() == [0, 0]
+
+
+def test_verify_light_mask_is_stored_checked_and_not_part_of_the_weights(tmp_path, tiny_network_model):
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPNConfig, load_model, save_model
+    from cliprpn_core.arch import shared_network_of
+    with pytest.raises(ValueError, match="verify_light_mask"):
+        CLIPRPNConfig(verify_light_mask=1.5)
+    with pytest.raises(ValueError, match="verify_light_mask"):
+        CLIPRPNConfig(verify_light_mask=-0.1)
+    m = tiny_network_model
+    cfg = replace(m.config, verify_light_mask=0.03)
+    assert cfg.same_weights(m.config) and m.config.same_weights(cfg)
+    m.config = cfg
+    save_model(m, tmp_path / "v.safetensors")
+    assert load_model(tmp_path / "v.safetensors").config.verify_light_mask == 0.03
+    # one network taken out to train on its own carries no verification (it has no other network to hand over to)
+    assert shared_network_of(m, 0).config.verify_light_mask == 0.0
+
+
 # -- options and the dtype policy -------------------------------------------------------------------------------
 
 def test_derain_options_carry_every_setting(derainer):
     from cliprpn_core.inference import CHECK_RATIO, DEFAULT_OVERLAP
     from cliprpn_core.inference import WORK_SIDE
     opt = DerainOptions()
-    assert (opt.top_k, opt.expert, opt.tile, opt.overlap, opt.passes, opt.check, opt.check_ratio, opt.work_side) == \
-        (1, None, None, DEFAULT_OVERLAP, None, False, CHECK_RATIO, WORK_SIDE)
+    assert (opt.top_k, opt.expert, opt.tile, opt.overlap, opt.passes, opt.check, opt.check_ratio, opt.work_side,
+            opt.verify) == (1, None, None, DEFAULT_OVERLAP, None, False, CHECK_RATIO, WORK_SIDE, True)
     x = torch.rand(1, 3, 40, 48)
     a = derainer.derain(x, DerainOptions(expert=1, tile=32, overlap=8))
     assert a.routing[0].tolist() == [0.0, 1.0, 0.0, 0.0]
