@@ -181,17 +181,24 @@ def test_expert_fusion_rules():
     assert torch.allclose(ef.gaussian_blur(torch.full((9, 9), 0.3), 2), torch.full((9, 9), 0.3))
 
 
-def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
+def _clean_photos(tmp_path, seed):
+    """Two random 120 x 112 'clean photos' in tmp_path/clean (the backgrounds of a labelled synthetic set)."""
     import numpy as np
     from PIL import Image
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (112, 120, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    return clean
+
+
+def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
+    import numpy as np
     from cliprpn_core import Derainer
     from cliprpn_core.data import write_labelled_set
     sr = _load("synthetic_regimes")
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (112, 120, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    clean = _clean_photos(tmp_path, seed=0)
     labels = write_labelled_set([clean], tmp_path / "set", 6, 96, seed=3, progress=False)
     # the same seed writes the same set
     again = write_labelled_set([clean], tmp_path / "again", 6, 96, seed=3, progress=False)
@@ -216,15 +223,10 @@ def test_synthetic_regimes_groups_by_label(tmp_path, tiny_model):
 
 def test_synthetic_regimes_writes_the_set_in_the_style_asked_for(tmp_path, tiny_ckpt, monkeypatch):
     import json
-    import numpy as np
-    from PIL import Image
+
     from cliprpn_core.data import write_labelled_set
     sr = _load("synthetic_regimes")
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (112, 120, 3), dtype=np.uint8)).save(clean / f"{i}.png")
+    clean = _clean_photos(tmp_path, seed=1)
     written = {}
 
     def write(clean_dirs, out, count, size, seed, style="classic"):
