@@ -191,11 +191,15 @@ class ExpertRouter(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.05, max=10.0, step=0.05,
                                tooltip="Softness of the mix between the top-k experts (higher = more even)."),
                 io.Combo.Input("expert_override", options=node_logic.expert_choices(), default=node_logic.EXPERT_AUTO,
-                               tooltip="Force one expert for every image instead of the router's choice."),
+                               tooltip="Force one expert for every image instead of the router's choice. With auto, "
+                                       "the Derain node hands an image routed to light_streaks to heavy_streaks "
+                                       "where the light network finds too little of the rain it knows (downpours, "
+                                       "rain haze); a forced expert is always kept."),
             ],
             outputs=[
                 RainRouting.Output("routing", tooltip="Per-image expert weights for Cross-Attention Derain."),
-                io.String.Output("summary", tooltip="The experts used per image and their weights."),
+                io.String.Output("summary", tooltip="The experts the router chose per image and their weights (before "
+                                                    "the Derain node verifies light routing)."),
             ],
         )
 
