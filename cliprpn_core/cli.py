@@ -174,10 +174,17 @@ def cmd_derain(args):
                 save_image(r.masks[0], dsts[1])
             log.record(f, dsts)
             w = r.routing[0]
-            report.append({"file": str(f), "output": str(dsts[0]), "status": "ok", "seconds": round(r.seconds, 4),
-                           "perceived_by": r.perceived_by, "pattern": describe(r.pattern[0]),
-                           "pattern_probs": [round(float(p), 4) for p in r.pattern[0]],
-                           "routing": {EXPERTS[i]: round(float(w[i]), 4) for i in range(len(w)) if w[i] > 0}})
+            entry = {"file": str(f), "output": str(dsts[0]), "status": "ok", "seconds": round(r.seconds, 4),
+                     "perceived_by": r.perceived_by, "pattern": describe(r.pattern[0]),
+                     "pattern_probs": [round(float(p), 4) for p in r.pattern[0]],
+                     "routing": {EXPERTS[i]: round(float(w[i]), 4) for i in range(len(w)) if w[i] > 0}}
+            if r.light_mask is not None and not torch.isnan(r.light_mask[0]):  # light routing was verified
+                lm = float(r.light_mask[0])
+                entry["light_mask"] = round(lm, 4)
+                entry["verified"] = ("kept by the light-streaks network" if w[EXPERTS.index("light_streaks")] > 0 else
+                                     f"handed to the heavy-streaks network: its light mask {lm:.4f} is below the "
+                                     f"model's verify_light_mask")
+            report.append(entry)
             bar.update(1)
         bar.close()
     except KeyboardInterrupt:

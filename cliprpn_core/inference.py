@@ -109,6 +109,8 @@ class DerainResult:
     routing: torch.Tensor  # [B,E] expert weights
     perceived_by: str  # "clip:<model>", "pattern-head" or "given"
     seconds: float
+    # per image: the light network's mean rain mask where light routing was verified (kept or handed over), else NaN
+    light_mask: torch.Tensor | None = None
 
 
 def check_images(x: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -374,6 +376,7 @@ class _Batch:
     mask: torch.Tensor | None  # [B,1,H',W'] padded, 0..1
     check: bool  # the expert check runs (never under a manual expert)
     verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
+    light_mask: torch.Tensor | None = None  # [B] the light network's mean mask where verified, else NaN
 
 
 class _Steps:
@@ -532,12 +535,12 @@ class Derainer:
             rain = F.interpolate(small - r.images, size=x.shape[-2:], mode="bicubic", align_corners=False)
             masks = F.interpolate(r.masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return DerainResult((x - rain).clamp_(0, 1), masks.clamp_(0, 1), r.pattern, r.routing, r.perceived_by,
-                                time.perf_counter() - t0)
+                                time.perf_counter() - t0, r.light_mask)
         batch = self._normalise(x, opt, routing, pattern, mask, ranking)
         outs, masks = self._restore_batch(batch, opt, progress, preview)
         out = merge_channels(torch.cat(outs), batch.alpha, batch.channels)
         return DerainResult(out, torch.cat(masks), batch.pattern, batch.routing, batch.source,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, batch.light_mask)
 
     # -- derain, step by step -------------------------------------------------------------------
     def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
@@ -621,6 +624,7 @@ class Derainer:
 
         outs, masks = [], []
         routing = batch.routing = batch.routing.clone()
+        batch.light_mask = torch.full((b,), float("nan"))
         for i in range(b):
             xi = batch.rgb[i:i + 1]
             mi = batch.mask[i:i + 1] if batch.mask is not None else None
@@ -631,7 +635,8 @@ class Derainer:
                 routing[i] = self._one_expert(chosen)[0]
             elif batch.verify and bool((routing[i] == self._one_expert(LIGHT)[0]).all()):
                 first = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
-                if float(first[1].mean()) < batch.verify:  # too little of the rain the light network knows
+                batch.light_mask[i] = float(first[1].mean())
+                if batch.light_mask[i] < batch.verify:  # too little of the rain the light network knows
                     routing[i] = self._one_expert(HEAVY)[0]
                     steps.total += n_tiles  # the light network's restoration was one run more
                 else:

@@ -328,6 +328,7 @@ def test_verify_hands_an_image_with_too_little_light_rain_to_the_heavy_network(v
     r = d.derain(x, routing=LIGHT_ROW.expand(2, -1), ranking=ranking)
     moved = [i for i in range(2) if means[i] < (lo + hi) / 2]
     assert len(moved) == 1
+    assert torch.allclose(r.light_mask, torch.tensor(means), atol=1e-6)  # the value each decision was made on
     for i in range(2):
         want = heavy if i in moved else light
         assert r.routing[i].argmax().item() == (1 if i in moved else 0) and r.routing[i].sum() == 1
@@ -362,6 +363,7 @@ def test_verify_leaves_manual_given_and_checked_routing_alone_and_can_be_turned_
     assert d.derain(x, routing=LIGHT_ROW).routing.argmax(1).tolist() == [0, 0]  # routing given without a ranking
     off = d.derain(x, DerainOptions(verify=False), routing=LIGHT_ROW, ranking=LIGHT_ROW)
     assert off.routing.argmax(1).tolist() == [0, 0] and torch.allclose(off.images, light.images, atol=1e-6)
+    assert torch.isnan(off.light_mask).all()  # not verified: no light-mask figure
     # the expert check decides by its own measure, not this one
     checked = d.derain(x, DerainOptions(check=True, check_ratio=1e-9), routing=torch.zeros(2, 4),
                        ranking=torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
