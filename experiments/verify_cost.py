@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speed import timed  # noqa: E402
 from cliprpn_core import Derainer, load_model  # noqa: E402
-from cliprpn_core.imageio import load_rgb_uint8  # noqa: E402
+from cliprpn_core.imageio import read_image  # noqa: E402
 from cliprpn_core.inference import DerainOptions  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
@@ -36,7 +36,7 @@ d = Derainer(load_model(args.checkpoint))
 print(f"{args.checkpoint}: verify_light_mask = {d.model.config.verify_light_mask}", flush=True)
 on, off = DerainOptions(), DerainOptions(verify=False)
 for name, path in (("kept", args.keep), ("handed over", args.hand_over)):
-    x = torch.from_numpy(load_rgb_uint8(path)).permute(2, 0, 1)[None].float() / 255
+    x = read_image(path)[None]
     mp = x.shape[-2] * x.shape[-1] / 1e6
     r_on, r_off = d.derain(x, on).routing, d.derain(x, off).routing
     print(f"{name} ({Path(path).name}, {x.shape[-1]} x {x.shape[-2]}): verified -> {EXPERTS[int(r_on.argmax())]}, "
