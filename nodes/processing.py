@@ -56,6 +56,16 @@ def _work_side_input():
                                 f"to {MIN_WORK_SIDE - 1} are refused.")
 
 
+def _verify_light_input():
+    return io.Boolean.Input("verify_light", default=True, optional=True, advanced=True,
+                            tooltip="With automatic routing, an image routed to light_streaks goes to heavy_streaks "
+                                    "instead where the light network finds too little of the rain it knows "
+                                    "(photographed downpours and rain haze taken for light rain; the model's "
+                                    "verify_light_mask, a model without it is never verified). Off: the light "
+                                    "network keeps every image routed to it, for photos with little or no rain, "
+                                    "which the heavy network changes more. A forced expert is always kept.")
+
+
 def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:
     x = node_logic.bhwc_to_bchw(image)
     d = derainer(handle, x.shape[-1] * x.shape[-2])
@@ -106,11 +116,11 @@ def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP, work_side=WORK
 
 
 def derain_options(top_k=1, temperature=1.0, tile=0, overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0,
-                   expert_check=False, work_side=WORK_SIDE) -> DerainOptions:
+                   expert_check=False, work_side=WORK_SIDE, verify_light=True) -> DerainOptions:
     """The Derain nodes' inputs as the core's DerainOptions (0 for tile and passes: the defaults)."""
     return DerainOptions(top_k=int(top_k), temperature=float(temperature), tile=int(tile) or None,
                          overlap=int(overlap), self_ensemble=bool(self_ensemble), passes=int(passes) or None,
-                         check=bool(expert_check), work_side=int(work_side))
+                         check=bool(expert_check), work_side=int(work_side), verify=bool(verify_light))
 
 
 def derain(handle, image, routing=None, mask=None, options: DerainOptions | None = None):
@@ -264,6 +274,7 @@ class CrossAttentionDerain(io.ComfyNode):
                 io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
                                  tooltip=EXPERT_CHECK_TIP),
                 _work_side_input(),
+                _verify_light_input(),
             ],
             outputs=[
                 io.Image.Output("image", tooltip="Derained images, same size and channels as the input."),
@@ -274,9 +285,10 @@ class CrossAttentionDerain(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, routing=None, mask=None, top_k=1, temperature=1.0, tile=0,
                 overlap=DEFAULT_OVERLAP, self_ensemble=False, passes=0, expert_check=False,
-                work_side=WORK_SIDE) -> io.NodeOutput:
+                work_side=WORK_SIDE, verify_light=True) -> io.NodeOutput:
         r = derain(model, image, routing, mask,
-                   derain_options(top_k, temperature, tile, overlap, self_ensemble, passes, expert_check, work_side))
+                   derain_options(top_k, temperature, tile, overlap, self_ensemble, passes, expert_check, work_side,
+                                  verify_light))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)), H.output(r.masks[:, 0]))
 
 
@@ -295,13 +307,15 @@ class CLIPRPNDerain(io.ComfyNode):
                 io.Boolean.Input("expert_check", default=False, optional=True, advanced=True,
                                  tooltip=EXPERT_CHECK_TIP),
                 _work_side_input(),
+                _verify_light_input(),
             ],
             outputs=[io.Image.Output("image", tooltip="Derained images.")],
         )
 
     @classmethod
-    def execute(cls, model, image, expert_check=False, work_side=WORK_SIDE) -> io.NodeOutput:
-        r = derain(model, image, options=derain_options(expert_check=expert_check, work_side=work_side))
+    def execute(cls, model, image, expert_check=False, work_side=WORK_SIDE, verify_light=True) -> io.NodeOutput:
+        r = derain(model, image, options=derain_options(expert_check=expert_check, work_side=work_side,
+                                                        verify_light=verify_light))
         return io.NodeOutput(H.output(node_logic.bchw_to_bhwc(r.images)))
 
 

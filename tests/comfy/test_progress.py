@@ -111,6 +111,27 @@ def test_cross_attention_and_one_node_derain_show_previews(nodes_env, handle):
     assert st.progress and st.previews and st.previews[-1][0] == st.progress[-1][0] == st.progress[-1][1]
 
 
+def test_derain_nodes_verify_light_routing_unless_turned_off(nodes_env, pack_core):
+    """verify_light (default on) reaches the core: an image auto-routed to light_streaks whose light-network mask is
+    below the model's verify_light_mask is restored by heavy_streaks; off, the light network keeps it."""
+    from dataclasses import replace
+    torch.manual_seed(3)
+    m = pack_core.CLIPRPN(replace(pack_core.tiny_config(), expert_scope="network", verify_light_mask=0.99)).eval()
+    with torch.no_grad():
+        m.router.linear.bias.copy_(torch.tensor([9.0, -9.0, -9.0, -9.0]))  # every image routed to light_streaks
+    handle = nodes_env.node_logic.ModelHandle(m, None, torch.float32, name="tiny-network")
+    p = nodes_env.processing
+    image = torch.rand(1, 40, 48, 3)
+    d = pack_core.Derainer(m, device="cpu", dtype="fp32")
+    x = image.movedim(-1, 1)
+    light, heavy = (d.derain(x, pack_core.DerainOptions(expert=e)).images.movedim(1, -1) for e in (0, 1))
+    assert (light - heavy).abs().max() > 1e-3  # the two networks differ on this image
+    for node in (p.CLIPRPNDerain, p.CrossAttentionDerain):
+        on = node.execute(handle, image)[0]
+        off = node.execute(handle, image, verify_light=False)[0]
+        assert torch.allclose(on, heavy, atol=1e-5) and torch.allclose(off, light, atol=1e-5), node.__name__
+
+
 def test_mask_estimator_reports_every_tile_with_a_preview(nodes_env, handle):
     st = nodes_env.state
     nodes_env.processing.MaskEstimator.execute(handle, torch.rand(1, 70, 90, 3), tile=32, overlap=8)

@@ -107,14 +107,15 @@ def test_object_info_lists_every_node(srv):
                                            "temperature": "FLOAT", "expert_override": "COMBO"}, {},
                                           ["RAIN_ROUTING", "STRING"], ["routing", "summary"])
     assert sig("CLIPRPNMaskEstimator") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE", "tile": "INT",
-                                            "overlap": "INT"}, {}, ["MASK"], ["mask"])
+                                            "overlap": "INT"}, {"work_side": "INT"}, ["MASK"], ["mask"])
     assert sig("CLIPRPNCrossAttentionDerain") == (
         {"model": "CLIPRPN_MODEL", "image": "IMAGE", "top_k": "INT", "temperature": "FLOAT", "tile": "INT",
          "overlap": "INT"}, {"routing": "RAIN_ROUTING", "mask": "MASK", "self_ensemble": "BOOLEAN", "passes": "INT",
-                            "expert_check": "BOOLEAN"},
+                            "expert_check": "BOOLEAN", "work_side": "INT", "verify_light": "BOOLEAN"},
         ["IMAGE", "MASK"],
         ["image", "rain_mask"])
-    assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"}, {"expert_check": "BOOLEAN"},
+    assert sig("CLIPRPNDerain") == ({"model": "CLIPRPN_MODEL", "image": "IMAGE"},
+                                    {"expert_check": "BOOLEAN", "work_side": "INT", "verify_light": "BOOLEAN"},
                                     ["IMAGE"], ["image"])
     assert sig("CLIPRPNSynthesizeRain") == ({"image": "IMAGE", "seed": "INT", "regime": "COMBO"}, {},
                                             ["IMAGE", "MASK"], ["rainy", "rain_mask"])
