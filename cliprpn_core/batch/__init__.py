@@ -80,6 +80,7 @@ from .workflow import (
     parse_routing_text,
     rewrite_workflow,
     set_expert_check,
+    set_verify_light,
 )
 
 __all__ = [
@@ -134,6 +135,7 @@ __all__ = [
     "pick_backend",
     "rewrite_workflow",
     "set_expert_check",
+    "set_verify_light",
     "write_output",
     "write_report",
 ]

@@ -60,9 +60,10 @@ class Backend:
 class LocalBackend(Backend):
     """The core model in this process."""
 
-    def __init__(self, checkpoint=None, device="auto", dtype="auto", threads=0, tile=0, clip=None, check=False):
+    def __init__(self, checkpoint=None, device="auto", dtype="auto", threads=0, tile=0, clip=None, check=False,
+                 verify=True):
         super().__init__()
-        self.check = bool(check)
+        self.check, self.verify = bool(check), bool(verify)
         import torch
 
         from ..inference import DerainOptions, load_derainer
@@ -70,7 +71,7 @@ class LocalBackend(Backend):
             torch.set_num_threads(threads)
         self.derainer, self.ckpt = load_derainer(checkpoint, clip, device=device, dtype=dtype)
         self.tile = tile or None
-        self.options = DerainOptions(tile=self.tile, check=self.check)
+        self.options = DerainOptions(tile=self.tile, check=self.check, verify=self.verify)
         self.name = f"in-process:{self.derainer.device}"
 
     def process(self, job: Job) -> Output:

@@ -21,6 +21,7 @@ from .workflow import (
     find_output_node,
     load_workflow,
     set_expert_check,
+    set_verify_light,
 )
 
 
@@ -65,6 +66,10 @@ def add_batch_parser(subparsers):
     b.add_argument("--check", action="store_true",
                    help="expert check in every CLIP-RPN derain node (or in-process): two streak experts per image, "
                         "the one that leaves clearly less rain kept (about 3x slower)")
+    b.add_argument("--no-verify", action="store_true",
+                   help="light routing not verified in every CLIP-RPN derain node (or in-process): the light-streaks "
+                        "network keeps every image routed to it (as `cliprpn derain --no-verify`; for photos with "
+                        "little or no rain)")
     b.add_argument("--format", default="same", choices=["same", "png", "jpg", "webp", "tif"],
                    help="output format: 'same' keeps each input's name and format (default)")
     b.add_argument("--report", help="report file, .json or .csv (default OUTPUT/batch_report.json)")
@@ -125,7 +130,7 @@ def _ray_runner(args, jobs, log):
         return str(Path(p).absolute()) if p else None
     settings = WorkerSettings(checkpoint=absolute(args.checkpoint), clip=absolute(args.clip), device=args.device,
                               dtype=args.dtype, threads=args.threads or 1, tile=args.tile, check=args.check,
-                              retries=args.retries)
+                              verify=not args.no_verify, retries=args.retries)
     return RayRunner(jobs, settings, address=args.ray_address, workers=args.ray_workers, overwrite=args.overwrite,
                      progress=not args.quiet, log=log)
 
@@ -162,7 +167,7 @@ def cmd_batch(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log = (lambda m: print(m, file=sys.stderr))
-    meta = {"mode": mode, "expert_check": bool(args.check)}
+    meta = {"mode": mode, "expert_check": bool(args.check), "verify_light": not args.no_verify}
     backends: list[Backend] = []
     if mode == "ray":
         runner = _ray_runner(args, jobs, log)
@@ -182,6 +187,8 @@ def cmd_batch(args) -> int:
             wf, origin = load_workflow(args.workflow)
             if args.check:
                 wf = set_expert_check(wf)
+            if args.no_verify:
+                wf = set_verify_light(wf, False)
             image_node = find_image_node(wf, args.image_node)
             output_node = find_output_node(wf, args.output_node)
         except WorkflowError as e:
@@ -204,7 +211,7 @@ def cmd_batch(args) -> int:
     else:
         try:
             lb = LocalBackend(args.checkpoint, args.device, args.dtype, args.threads, args.tile, args.clip,
-                              check=args.check)
+                              check=args.check, verify=not args.no_verify)
         except KeyboardInterrupt:
             log("interrupted")
             return 130

@@ -63,6 +63,7 @@ class WorkerSettings:
     threads: int = 1
     tile: int = 0
     check: bool = False
+    verify: bool = True
     retries: int = 2
     out_dirs: tuple = ()
     control: str = ""  # path prefix of this run's control files: PREFIX.run and PREFIX.stop (from the driver),
@@ -123,7 +124,8 @@ class DerainActor:
                                    "the inputs and -o on a filesystem every node mounts at the same path")
         self.settings = settings
         self.backend = LocalBackend(settings.checkpoint, settings.device, settings.dtype, settings.threads,
-                                    settings.tile, settings.clip, check=settings.check)
+                                    settings.tile, settings.clip, check=settings.check,
+                                    verify=settings.verify)
         self.worker = f"ray:{node[:8]}/{os.getpid()}"
         c = settings.control
         self.run, self.stop = c + ".run", c + ".stop"

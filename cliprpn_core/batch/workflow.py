@@ -29,7 +29,8 @@ BUILTIN_BASIC = {
                                              "clip": "none (built-in pattern head)", "device": "auto",
                                              "dtype": "auto"}},
     "3": {"class_type": N.DERAIN, "inputs": {"model": ["2", 0], "image": ["1", 0], "expert_check": False,
-                                             "work_side": TRAINING_SHORT_SIDE}},  # the default working size
+                                             "work_side": TRAINING_SHORT_SIDE,  # the default working size
+                                             "verify_light": True}},
     "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "clip_rpn/derained"}},
 }
 
@@ -121,16 +122,25 @@ def rewrite_workflow(wf: dict, image_node: str, image_name: str, output_node: st
     return out
 
 
-def set_expert_check(wf: dict, on: bool = True) -> dict:
-    """A copy of ``wf`` with the expert check switched on (or off) in every CLIP-RPN derain node."""
+def _set_derain_input(wf: dict, name: str, value, flag: str) -> dict:
     out = copy.deepcopy(wf)
     hits = [n for n in out.values() if isinstance(n, dict) and n.get("class_type") in DERAIN_NODES]
     if not hits:
-        raise WorkflowError("--check needs a CLIP-RPN Derain or Cross-Attention Derain node in the workflow; "
+        raise WorkflowError(f"{flag} needs a CLIP-RPN Derain or Cross-Attention Derain node in the workflow; "
                             "this one has none")
     for n in hits:
-        n.setdefault("inputs", {})["expert_check"] = bool(on)
+        n.setdefault("inputs", {})[name] = value
     return out
+
+
+def set_expert_check(wf: dict, on: bool = True) -> dict:
+    """A copy of ``wf`` with the expert check switched on (or off) in every CLIP-RPN derain node."""
+    return _set_derain_input(wf, "expert_check", bool(on), "--check")
+
+
+def set_verify_light(wf: dict, on: bool = True) -> dict:
+    """A copy of ``wf`` with the light routing's verification switched on (or off) in every CLIP-RPN derain node."""
+    return _set_derain_input(wf, "verify_light", bool(on), "--no-verify")
 
 
 def _new_id(wf: dict) -> str:

@@ -219,8 +219,12 @@ def test_cli_in_process_with_tiny_model(tmp_path, images, tiny_ckpt, capsys):
     rc = B.main([str(images[0]), "-o", str(out2), "--checkpoint", str(tiny_ckpt), "--threads", "1", "-q",
                  "--device", "cpu", "--check"])
     doc = json.loads((out2 / "batch_report.json").read_text())
-    assert rc == 0 and doc["expert_check"] is True
+    assert rc == 0 and doc["expert_check"] is True and doc["verify_light"] is True
     assert len(doc["images"][0]["routing"]) == 1  # the checked image went through one expert
+    rc = B.main([str(images[0]), "-o", str(tmp_path / "unverified"), "--checkpoint", str(tiny_ckpt), "--threads", "1",
+                 "-q", "--device", "cpu", "--no-verify"])
+    assert rc == 0 and json.loads((tmp_path / "unverified" / "batch_report.json").read_text())["verify_light"] is False
+    assert not B.LocalBackend(str(tiny_ckpt), device="cpu", threads=1, verify=False).options.verify
 
 
 def test_add_batch_parser_registers_the_subcommand():

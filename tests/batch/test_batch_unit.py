@@ -427,3 +427,15 @@ def test_set_expert_check_in_every_derain_node():
     assert hits and all(n["inputs"]["expert_check"] is True for n in hits)
     with pytest.raises(B.WorkflowError, match="needs a CLIP-RPN Derain"):
         B.set_expert_check({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}})
+
+
+def test_set_verify_light_in_every_derain_node():
+    basic, _ = B.load_workflow(None)
+    assert basic["3"]["inputs"]["verify_light"] is True  # on unless turned off
+    off = B.set_verify_light(basic, False)
+    assert off["3"]["inputs"]["verify_light"] is False and basic["3"]["inputs"]["verify_light"] is True  # a copy
+    full, _ = B.load_workflow("full_graph")
+    hits = [n for n in B.set_verify_light(full, False).values() if n["class_type"] in B.DERAIN_NODES]
+    assert hits and all(n["inputs"]["verify_light"] is False for n in hits)
+    with pytest.raises(B.WorkflowError, match="--no-verify needs a CLIP-RPN Derain"):
+        B.set_verify_light({"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}, False)
