@@ -67,9 +67,9 @@ def add_batch_parser(subparsers):
                    help="expert check in every CLIP-RPN derain node (or in-process): two streak experts per image, "
                         "the one that leaves clearly less rain kept (about 3x slower)")
     b.add_argument("--no-verify", action="store_true",
-                   help="light routing not verified in every CLIP-RPN derain node (or in-process): the light-streaks "
-                        "network keeps every image routed to it (as `cliprpn derain --no-verify`; for photos with "
-                        "little or no rain)")
+                   help="turn the light routing's verification off in every CLIP-RPN derain node (or in-process): "
+                        "the light-streaks network keeps every image routed to it, as with `cliprpn derain "
+                        "--no-verify` (for photos with little or no rain)")
     b.add_argument("--format", default="same", choices=["same", "png", "jpg", "webp", "tif"],
                    help="output format: 'same' keeps each input's name and format (default)")
     b.add_argument("--report", help="report file, .json or .csv (default OUTPUT/batch_report.json)")
