@@ -619,7 +619,7 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     if grown:
         # perception (and how it views an image) stays the model's
         big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view,
-                              verify_light_mask=cfg.verify_light_mask))
+                              verify_light_mask=cfg.verify_light_mask, verify_heavy_mask=cfg.verify_heavy_mask))
         try:
             grow_from(big, model)
         except ValueError as err:
@@ -658,7 +658,7 @@ def shared_network_of(model: CLIPRPN, expert: int) -> CLIPRPN:
             state[f"experts.{e}.{rest[len('experts.0.'):]}"] = v.clone()
         elif k.startswith(mine):
             state[rest] = v.clone()
-    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0))
+    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0)))
     out.load_state_dict(state)
     return out
 

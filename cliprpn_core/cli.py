@@ -181,9 +181,20 @@ def cmd_derain(args):
             if r.light_mask is not None and not torch.isnan(r.light_mask[0]):  # light routing was verified
                 lm = float(r.light_mask[0])
                 entry["light_mask"] = round(lm, 4)
-                entry["verified"] = ("kept by the light-streaks network" if w[EXPERTS.index("light_streaks")] > 0 else
-                                     f"handed to the heavy-streaks network: its light mask {lm:.4f} is below the "
-                                     f"model's verify_light_mask")
+                wl, wh = float(w[EXPERTS.index("light_streaks")]), float(w[EXPERTS.index("heavy_streaks")])
+                handed = f"its light mask {lm:.4f} is below the model's verify_light_mask"
+                if r.heavy_mask is not None and not torch.isnan(r.heavy_mask[0]):  # the handover was confirmed
+                    hm = float(r.heavy_mask[0])
+                    entry["heavy_mask"] = round(hm, 4)
+                    confirmed = f"the heavy network's mask {hm:.4f} against the model's verify_heavy_mask"
+                    entry["verified"] = (f"kept by the light-streaks network: {handed}, but {confirmed} finds no "
+                                         f"heavy rain" if wh == 0 else
+                                         f"handed to the heavy-streaks network: {handed}, and {confirmed} finds "
+                                         f"heavy rain" if wl == 0 else
+                                         f"shared: {handed}; {confirmed} gives the heavy network {wh:.2f} of it")
+                else:
+                    entry["verified"] = ("kept by the light-streaks network" if wl > 0 else
+                                         f"handed to the heavy-streaks network: {handed}")
             report.append(entry)
             bar.update(1)
         bar.close()

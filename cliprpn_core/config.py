@@ -59,6 +59,13 @@ class CLIPRPNConfig:
     # shipped file sets); photographed downpours and rain haze, which perception takes for light rain, score below.
     # 0 = off (older files). Inference only: DerainOptions(verify=False) turns it off per call.
     verify_light_mask: float = 0.0
+    # the light verification's handover confirmed by the heavy network (network scope, with verify_light_mask):
+    # (lo, hi). An image handed over is restored as (1 - w) x the light network's restoration + w x the heavy
+    # network's, where w is 0 if the heavy network's mean rain mask from its restoration pass is at most lo, 1 if it
+    # is at least hi, linear between: an image neither network finds its rain in (a rain-free photo) keeps the light
+    # network's light touch. Both restorations are run by the verification anyway. (0, 0) = off (older files): handed
+    # over wholly. Inference only, turned off with the verification.
+    verify_heavy_mask: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         n = len(self.widths)
@@ -81,14 +88,18 @@ class CLIPRPNConfig:
             raise ValueError(f"head_view must be 0 (whole image) or a crop side in pixels, got {self.head_view}")
         if not 0.0 <= self.verify_light_mask < 1.0:
             raise ValueError(f"verify_light_mask must be in [0, 1) (0: off), got {self.verify_light_mask}")
+        vh = tuple(float(v) for v in self.verify_heavy_mask)
+        object.__setattr__(self, "verify_heavy_mask", vh)  # a list (JSON, a script) becomes the tuple it means
+        if len(vh) != 2 or not 0.0 <= vh[0] <= vh[1] < 1.0:
+            raise ValueError(f"verify_heavy_mask must be (lo, hi) with 0 <= lo <= hi < 1 ((0, 0): off), got {vh}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
-        """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view`` and
-        ``verify_light_mask``)."""
-        return replace(self, passes=other.passes, head_view=other.head_view,
-                       verify_light_mask=other.verify_light_mask) == other
+        """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view``,
+        ``verify_light_mask`` and ``verify_heavy_mask``)."""
+        return replace(self, passes=other.passes, head_view=other.head_view, verify_light_mask=other.verify_light_mask,
+                       verify_heavy_mask=other.verify_heavy_mask) == other
 
     @property
     def scale_factor(self) -> int:

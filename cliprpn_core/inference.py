@@ -111,6 +111,8 @@ class DerainResult:
     seconds: float
     # per image: the light network's mean rain mask where light routing was verified (kept or handed over), else NaN
     light_mask: torch.Tensor | None = None
+    # per image: the heavy network's mean rain mask where a handover was confirmed by it (verify_heavy_mask), else NaN
+    heavy_mask: torch.Tensor | None = None
 
 
 def check_images(x: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -266,6 +268,16 @@ LIGHT, HEAVY = EXPERTS.index("light_streaks"), EXPERTS.index("heavy_streaks")
 CHECK_EXPERTS = (LIGHT, HEAVY)
 
 
+def handover_weight(heavy_mask: float, lo: float, hi: float) -> float:
+    """The heavy network's share of a handed-over image (``config.verify_heavy_mask`` = (lo, hi)): 0 where its mean
+    rain mask is at most ``lo``, 1 where it is at least ``hi``, linear between (a step at ``hi`` when lo == hi)."""
+    if heavy_mask >= hi:
+        return 1.0
+    if heavy_mask <= lo:
+        return 0.0
+    return (heavy_mask - lo) / (hi - lo)
+
+
 def check_candidates(routing: torch.Tensor, ranking: torch.Tensor | None = None, k: int = 2,
                      among: tuple[int, ...] | None = CHECK_EXPERTS) -> list[list[int]]:
     """Per image, the experts an expert check compares, best first: the top ``k`` of ``ranking`` [B,E]
@@ -377,6 +389,7 @@ class _Batch:
     check: bool  # the expert check runs (never under a manual expert)
     verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
     light_mask: torch.Tensor | None = None  # [B] the light network's mean mask where verified, else NaN
+    heavy_mask: torch.Tensor | None = None  # [B] the heavy network's mean mask where a handover was confirmed, else NaN
 
 
 class _Steps:
@@ -515,8 +528,13 @@ class Derainer:
         network's own rain mask, from its restoration pass, reaches ``verify_light_mask``; otherwise it is restored
         by the heavy-streaks network instead (and the result's routing says so). The light network's mask estimator
         recognises the rain it learned; photographed downpours and rain haze, which perception takes for light rain,
-        score far below. An image kept costs nothing more, one handed over is restored twice. Only routing decided
-        automatically is verified: perceived here, or given with a router's ranking (an Expert Router node without
+        score far below. With ``config.verify_heavy_mask`` = (lo, hi) set, the handover is confirmed by the heavy
+        network's own mean mask from its restoration pass: the image is restored as (1 - w) x the light network's
+        restoration + w x the heavy network's, w = 0 at or below lo, 1 at or above hi, linear between (the routing
+        row carries w; ``heavy_mask`` in the result): a rain-free photo, in which neither network finds its rain,
+        keeps the light network's light touch. An image kept costs nothing more, one handed over is restored twice
+        (under the self-ensemble, an image shared between the two by 0 < w < 1 has every flip restored by both).
+        Only routing decided automatically is verified: perceived here, or given with a router's ranking (an Expert Router node without
         an override); never a manual expert, a routing given without a ranking, or under the expert check.
 
         The working size (``options.work_side``): an image whose shorter side is above it is perceived, routed and
@@ -535,12 +553,12 @@ class Derainer:
             rain = F.interpolate(small - r.images, size=x.shape[-2:], mode="bicubic", align_corners=False)
             masks = F.interpolate(r.masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return DerainResult((x - rain).clamp_(0, 1), masks.clamp_(0, 1), r.pattern, r.routing, r.perceived_by,
-                                time.perf_counter() - t0, r.light_mask)
+                                time.perf_counter() - t0, r.light_mask, r.heavy_mask)
         batch = self._normalise(x, opt, routing, pattern, mask, ranking)
         outs, masks = self._restore_batch(batch, opt, progress, preview)
         out = merge_channels(torch.cat(outs), batch.alpha, batch.channels)
         return DerainResult(out, torch.cat(masks), batch.pattern, batch.routing, batch.source,
-                            time.perf_counter() - t0, batch.light_mask)
+                            time.perf_counter() - t0, batch.light_mask, batch.heavy_mask)
 
     # -- derain, step by step -------------------------------------------------------------------
     def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
@@ -625,11 +643,13 @@ class Derainer:
         outs, masks = [], []
         routing = batch.routing = batch.routing.clone()
         batch.light_mask = torch.full((b,), float("nan"))
+        batch.heavy_mask = torch.full((b,), float("nan"))
         for i in range(b):
             xi = batch.rgb[i:i + 1]
             mi = batch.mask[i:i + 1] if batch.mask is not None else None
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             done = {}  # flips already restored (by the check), reused below
+            shared = None  # the heavy network's share of a handover both networks restore, when 0 < share < 1
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
                 routing[i] = self._one_expert(chosen)[0]
@@ -637,13 +657,30 @@ class Derainer:
                 first = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
                 batch.light_mask[i] = float(first[1].mean())
                 if batch.light_mask[i] < batch.verify:  # too little of the rain the light network knows
-                    routing[i] = self._one_expert(HEAVY)[0]
                     steps.total += n_tiles  # the light network's restoration was one run more
+                    lo, hi = self.model.config.verify_heavy_mask
+                    if hi > 0:  # the handover confirmed by the heavy network's own mask
+                        heavy = restore_flip(inp, self._one_expert(HEAVY).to(self.device), ())
+                        batch.heavy_mask[i] = hm = float(heavy[1].mean())
+                        wh = handover_weight(hm, lo, hi)
+                        routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
+                        if 0 < wh < 1:  # both networks restore the other flips: count the light network's runs
+                            steps.total += n_tiles * (len(flips) - 1)
+                            shared = wh
+                        done = {(): (first if wh == 0 else heavy if wh == 1 else
+                                     tuple((1 - wh) * a + wh * b for a, b in zip(first, heavy)))}
+                    else:
+                        routing[i] = self._one_expert(HEAVY)[0]
                 else:
                     done = {(): first}
             r = routing[i:i + 1].to(self.device)
             o = m = 0
             for dims in flips:  # flip(()) is the identity
+                if shared is not None and dims not in done:
+                    # a shared handover: each network restores the flip, their outputs weighted as for the
+                    # unflipped image (a mixed routing would mix inside each pass)
+                    a, b = (restore_flip(inp, self._one_expert(e).to(self.device), dims) for e in (LIGHT, HEAVY))
+                    done[dims] = tuple((1 - shared) * x + shared * y for x, y in zip(a, b))
                 oi, mi_ = done.get(dims) or restore_flip(inp, r, dims)
                 o = o + oi / len(flips)
                 m = m + mi_ / len(flips)

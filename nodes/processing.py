@@ -61,9 +61,10 @@ def _verify_light_input():
                             tooltip="With automatic routing, an image routed to light_streaks goes to heavy_streaks "
                                     "instead where the light network finds too little of the rain it knows "
                                     "(photographed downpours and rain haze taken for light rain; the model's "
-                                    "verify_light_mask, a model without it is never verified). Off: the light "
-                                    "network keeps every image routed to it, for photos with little or no rain, "
-                                    "which the heavy network changes more. A forced expert is always kept.")
+                                    "verify_light_mask, a model without it is never verified); where the heavy "
+                                    "network finds little of its rain either (a rain-free photo; the model's "
+                                    "verify_heavy_mask) the light network's result is kept or mixed in. Off: the "
+                                    "light network keeps every image routed to it. A forced expert is always kept.")
 
 
 def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:

@@ -7,6 +7,7 @@ deeper bottleneck) grows the base's other networks with identity blocks to match
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --head-view 128 -o runs/view.safetensors
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --verify-heavy-mask 0.1 0.2 -o F
 
 --extract NAME does the inverse: it writes expert NAME's network of a whole-network-expert --base as a shared-network
 model (its perception included), the form training starts from (``init``) and --expert takes back:
@@ -46,15 +47,20 @@ def main(argv=None) -> int:
                     help="set the output's config.verify_light_mask (an image routed to the light-streaks network whose "
                          "mean rain mask from that network is below X goes to the heavy-streaks network; 0 = off); "
                          "default: the base's. Weights are unchanged")
+    ap.add_argument("--verify-heavy-mask", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="set the output's config.verify_heavy_mask (an image the light verification hands over is "
+                         "restored by the light network where the heavy network's mean rain mask is at most LO, by the "
+                         "heavy network where it is at least HI, by both, weighted, between; 0 0 = off: handed over "
+                         "wholly); default: the base's. Weights are unchanged")
     ap.add_argument("--extract", metavar="NAME",
                     help="write expert NAME's network of a whole-network-expert --base as a shared-network model "
-                         "(to train it further); takes no --expert, --head-view or --verify-light-mask")
+                         "(to train it further); takes no --expert, --head-view or --verify-*-mask")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
     base = load_model(a.base)
     if a.extract is not None:
-        if a.expert or a.head_view is not None or a.verify_light_mask is not None:
-            ap.error("--extract takes no --expert, --head-view or --verify-light-mask")
+        if a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None:
+            ap.error("--extract takes no --expert, --head-view, --verify-light-mask or --verify-heavy-mask")
         e = _expert_index(a.extract, base.config.num_experts)
         if e < 0:
             ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
         model = replace_network_experts(base, {e: loaded[p] for e, p in enumerate(paths) if p != a.base})
     else:
         model = network_experts_from([loaded[p] for p in paths], perception=base)
-    for key, value in (("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask)):
+    for key, value in (("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask),
+                       ("verify_heavy_mask", None if a.verify_heavy_mask is None else tuple(a.verify_heavy_mask))):
         if value is not None:
             try:
                 model.config = replace(model.config, **{key: value})

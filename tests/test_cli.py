@@ -94,6 +94,30 @@ def test_derain_no_verify_keeps_the_light_network(images, tmp_path, tiny_network
     assert "light_mask" not in routed[True] and "verified" not in routed[True]
 
 
+def test_derain_report_says_how_the_heavy_network_confirmed_a_handover(images, tmp_path, tiny_network_model):
+    import json
+    from dataclasses import replace
+
+    from cliprpn_core import save_model
+    m = tiny_network_model
+    with torch.no_grad():
+        m.router.linear.bias.copy_(torch.tensor([9.0, -9.0, -9.0, -9.0]))  # perception routes to the light network
+    got = {}
+    for name, band in (("kept", (0.99, 0.995)), ("handed", (0.001, 0.002)), ("shared", (0.0, 0.99))):
+        m.config = replace(m.config, verify_light_mask=0.99, verify_heavy_mask=band)  # every image is handed over
+        ck, out = tmp_path / f"{name}.safetensors", tmp_path / name
+        save_model(m, ck)
+        assert main(["derain", str(images / "img0.png"), "-o", str(out), "--checkpoint", str(ck), "--device", "cpu",
+                     "-q", "--report", str(out / "r.json")]) == 0
+        got[name] = json.loads((out / "r.json").read_text())["images"][0]
+    assert got["kept"]["routing"] == {"light_streaks": 1.0} and "kept by the light" in got["kept"]["verified"]
+    assert got["handed"]["routing"] == {"heavy_streaks": 1.0} and "handed to the heavy" in got["handed"]["verified"]
+    hm = got["shared"]["heavy_mask"]
+    assert 0 < hm < 0.99 and got["shared"]["verified"].startswith("shared")
+    assert got["shared"]["routing"]["heavy_streaks"] == pytest.approx(hm / 0.99, abs=2e-4)
+    assert got["kept"]["heavy_mask"] == got["handed"]["heavy_mask"] == hm  # the same figure decides each time
+
+
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "zero.jpg").write_bytes(b"")

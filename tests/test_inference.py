@@ -393,6 +393,80 @@ def test_verify_light_mask_is_stored_checked_and_not_part_of_the_weights(tmp_pat
     assert shared_network_of(m, 0).config.verify_light_mask == 0.0
 
 
+def _set_confirm(d, lo, hi):
+    from dataclasses import replace
+    d.model.config = replace(d.model.config, verify_heavy_mask=(lo, hi))
+
+
+def test_handover_weight_is_a_ramp_between_lo_and_hi():
+    from cliprpn_core.inference import handover_weight
+    assert handover_weight(0.05, 0.1, 0.2) == 0.0 and handover_weight(0.1, 0.1, 0.2) == 0.0
+    assert handover_weight(0.2, 0.1, 0.2) == 1.0 and handover_weight(0.5, 0.1, 0.2) == 1.0
+    assert abs(handover_weight(0.125, 0.1, 0.2) - 0.25) < 1e-9
+    assert handover_weight(0.15, 0.15, 0.15) == 1.0 and handover_weight(0.1499, 0.15, 0.15) == 0.0  # a step
+
+
+def test_handover_confirmed_by_the_heavy_networks_mask(verifying):
+    """With verify_heavy_mask (lo, hi) an image the light verification hands over is restored by the light network
+    where the heavy network's own mean mask is at most lo, by the heavy network at hi and above, and by both,
+    weighted, between; the result says which and on what figure."""
+    from dataclasses import replace
+    d, x, light, means = verifying
+    heavy = d.derain(x, DerainOptions(expert=1))
+    hm = [float(heavy.masks[i].mean()) for i in range(2)]
+    _set_verify(d, max(means) + 1e-3)  # both images are handed over
+    row = dict(routing=LIGHT_ROW.expand(2, -1), ranking=LIGHT_ROW)
+    _set_confirm(d, max(hm) + 1e-3, max(hm) + 2e-3)  # neither finds heavy rain: both keep the light network
+    r = d.derain(x, **row)
+    assert r.routing.argmax(1).tolist() == [0, 0] and torch.allclose(r.images, light.images, atol=1e-6)
+    assert torch.allclose(r.heavy_mask, torch.tensor(hm), atol=1e-6)  # the figure each decision was made on
+    _set_confirm(d, min(hm) - 2e-3, min(hm) - 1e-3)  # both find it: handed over wholly
+    r = d.derain(x, **row)
+    assert r.routing.argmax(1).tolist() == [1, 1] and torch.allclose(r.images, heavy.images, atol=1e-6)
+    i = hm.index(max(hm))
+    lo, hi = max(hm) - 0.75 * 1e-2, max(hm) + 0.25 * 1e-2  # the heavy network's share is 0.75 for image i
+    _set_confirm(d, lo, hi)
+    r = d.derain(x[i:i + 1], routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert torch.allclose(r.routing[0, :2], torch.tensor([0.25, 0.75]), atol=1e-5) and r.routing[0, 2:].eq(0).all()
+    want = 0.25 * light.images[i] + 0.75 * heavy.images[i]
+    assert torch.allclose(r.images[0], want, atol=1e-5)
+    assert torch.allclose(r.masks[0], 0.25 * light.masks[i] + 0.75 * heavy.masks[i], atol=1e-5)
+    # with the self-ensemble each flip is restored by both networks and weighted the same way; one progress bar
+    calls = []
+    opt = DerainOptions(self_ensemble=True, tile=32, overlap=8)
+    hm_tiled = float(d.derain(x[i:i + 1], DerainOptions(expert=1, tile=32, overlap=8)).masks.mean())
+    _set_confirm(d, hm_tiled - 0.75 * 1e-2, hm_tiled + 0.25 * 1e-2)  # tiles change the mask a little
+    r = d.derain(x[i:i + 1], opt, routing=LIGHT_ROW, ranking=LIGHT_ROW, progress=lambda k, n: calls.append((k, n)))
+    se = [d.derain(x[i:i + 1], replace(opt, expert=e)) for e in (0, 1)]
+    assert abs(float(r.routing[0, 1]) - 0.75) < 1e-4
+    assert torch.allclose(r.images, 0.25 * se[0].images + 0.75 * se[1].images, atol=1e-5)
+    assert calls[-1][0] == calls[-1][1] and all(k <= calls[-1][1] for k, _ in calls)
+    # turned off with the verification; off by default (older files): handed over wholly, no heavy-mask figure
+    off = d.derain(x, DerainOptions(verify=False), **row)
+    assert off.routing.argmax(1).tolist() == [0, 0] and torch.isnan(off.heavy_mask).all()
+    _set_confirm(d, 0.0, 0.0)
+    r = d.derain(x, **row)
+    assert r.routing.argmax(1).tolist() == [1, 1] and torch.isnan(r.heavy_mask).all()
+
+
+def test_verify_heavy_mask_is_stored_checked_and_not_part_of_the_weights(tmp_path, tiny_network_model):
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPNConfig, load_model, save_model
+    from cliprpn_core.arch import shared_network_of
+    for bad in ((0.2, 0.1), (-0.1, 0.2), (0.1, 1.0), (0.1,)):
+        with pytest.raises(ValueError, match="verify_heavy_mask"):
+            CLIPRPNConfig(verify_heavy_mask=bad)
+    assert CLIPRPNConfig(verify_heavy_mask=[0.1, 0.2]).verify_heavy_mask == (0.1, 0.2)  # a list, as JSON gives it
+    m = tiny_network_model
+    cfg = replace(m.config, verify_light_mask=0.03, verify_heavy_mask=(0.1, 0.2))
+    assert cfg.same_weights(m.config) and m.config.same_weights(cfg)
+    m.config = cfg
+    save_model(m, tmp_path / "v.safetensors")
+    assert load_model(tmp_path / "v.safetensors").config.verify_heavy_mask == (0.1, 0.2)
+    assert shared_network_of(m, 0).config.verify_heavy_mask == (0.0, 0.0)
+
+
 # -- options and the dtype policy -------------------------------------------------------------------------------
 
 def test_derain_options_carry_every_setting(derainer):
