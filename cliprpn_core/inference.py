@@ -534,8 +534,9 @@ class Derainer:
         row carries w; ``heavy_mask`` in the result): a rain-free photo, in which neither network finds its rain,
         keeps the light network's light touch. An image kept costs nothing more, one handed over is restored twice
         (under the self-ensemble, an image shared between the two by 0 < w < 1 has every flip restored by both).
-        Only routing decided automatically is verified: perceived here, or given with a router's ranking (an Expert Router node without
-        an override); never a manual expert, a routing given without a ranking, or under the expert check.
+        Only routing decided automatically is verified: perceived here, or given with a router's ranking (an Expert
+        Router node without an override); never a manual expert, a routing given without a ranking, or under the
+        expert check.
 
         The working size (``options.work_side``): an image whose shorter side is above it is perceived, routed and
         restored as described above at that shorter side (tiles, preview and a given mask included); the rain
