@@ -278,6 +278,11 @@ def handover_weight(heavy_mask: float, lo: float, hi: float) -> float:
     return (heavy_mask - lo) / (hi - lo)
 
 
+def _mix(light, heavy, w: float) -> tuple:
+    """(image, mask) of a shared handover: (1 - w) x the light network's + w x the heavy network's."""
+    return tuple((1 - w) * a + w * b for a, b in zip(light, heavy))
+
+
 def check_candidates(routing: torch.Tensor, ranking: torch.Tensor | None = None, k: int = 2,
                      among: tuple[int, ...] | None = CHECK_EXPERTS) -> list[list[int]]:
     """Per image, the experts an expert check compares, best first: the top ``k`` of ``ranking`` [B,E]
@@ -668,8 +673,7 @@ class Derainer:
                         if 0 < wh < 1:  # both networks restore the other flips: count the light network's runs
                             steps.total += n_tiles * (len(flips) - 1)
                             shared = wh
-                        done = {(): (first if wh == 0 else heavy if wh == 1 else
-                                     tuple((1 - wh) * a + wh * b for a, b in zip(first, heavy)))}
+                        done = {(): first if wh == 0 else heavy if wh == 1 else _mix(first, heavy, wh)}
                     else:
                         routing[i] = self._one_expert(HEAVY)[0]
                 else:
@@ -680,8 +684,8 @@ class Derainer:
                 if shared is not None and dims not in done:
                     # a shared handover: each network restores the flip, their outputs weighted as for the
                     # unflipped image (a mixed routing would mix inside each pass)
-                    a, b = (restore_flip(inp, self._one_expert(e).to(self.device), dims) for e in (LIGHT, HEAVY))
-                    done[dims] = tuple((1 - shared) * x + shared * y for x, y in zip(a, b))
+                    done[dims] = _mix(*(restore_flip(inp, self._one_expert(e).to(self.device), dims)
+                                        for e in (LIGHT, HEAVY)), shared)
                 oi, mi_ = done.get(dims) or restore_flip(inp, r, dims)
                 o = o + oi / len(flips)
                 m = m + mi_ / len(flips)

@@ -313,9 +313,13 @@ def verifying(tiny_network_model):
     return d, x, light, [float(light.masks[i].mean()) for i in range(2)]
 
 
-def _set_verify(d, value):
+def _set_config(d, **over):
     from dataclasses import replace
-    d.model.config = replace(d.model.config, verify_light_mask=value)
+    d.model.config = replace(d.model.config, **over)
+
+
+def _set_verify(d, value):
+    _set_config(d, verify_light_mask=value)
 
 
 def test_verify_hands_an_image_with_too_little_light_rain_to_the_heavy_network(verifying):
@@ -394,8 +398,7 @@ def test_verify_light_mask_is_stored_checked_and_not_part_of_the_weights(tmp_pat
 
 
 def _set_confirm(d, lo, hi):
-    from dataclasses import replace
-    d.model.config = replace(d.model.config, verify_heavy_mask=(lo, hi))
+    _set_config(d, verify_heavy_mask=(lo, hi))
 
 
 def test_handover_weight_is_a_ramp_between_lo_and_hi():
