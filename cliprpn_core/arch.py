@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HEAD_VIEW_GRID, HEAD_VIEW_SHORT, CLIPRPNConfig, check_passes
-from .patterns import NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
+from .patterns import EXPERTS, NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
 
 
 class LayerNorm2d(nn.Module):
@@ -313,6 +313,13 @@ def _zip_map(fn, acc, out):
     return fn(acc, out)
 
 
+# the handover network's name (CLIPRPNConfig.handover_network), taken by CLIPRPN.restore in place of a routing
+HANDOVER = "handover"
+# the expert slot a handover network sits in when it is written as (or taken from) a shared-network file: it is a
+# heavy-rain network, trained as one (``route_all_to`` = this index)
+HANDOVER_SLOT = EXPERTS.index("heavy_streaks")
+
+
 def _sole_expert(routing: torch.Tensor) -> int | None:
     """The expert every image is routed to at weight exactly 1 (top-1 routing of a whole batch), else None."""
     active = (routing > 0).any(0).nonzero().flatten()
@@ -401,7 +408,9 @@ class CLIPRPN(Restorer):
     """The whole model. ``forward`` = pattern head -> router -> encoder -> masks -> MGCA ->
     routed experts -> decoder. Routing/perception can be supplied from outside (CLIP, a node).
     With ``config.expert_scope == "network"`` each expert is a whole :class:`Restorer` of its own
-    (``self.experts[e]``), run only on the images routed to it."""
+    (``self.experts[e]``), run only on the images routed to it. With ``config.handover_network`` it also has
+    ``self.handover``, a whole network of the same shape that perception never routes to: the light verification's
+    handovers go to it (``restore(x, HANDOVER)``)."""
 
     def __init__(self, config: CLIPRPNConfig | None = None):
         nn.Module.__init__(self)
@@ -409,8 +418,10 @@ class CLIPRPN(Restorer):
         self.pattern_head = PatternHead(cfg.head_width, cfg.head_size)
         self.router = ExpertRouter(cfg.num_experts)
         if cfg.expert_scope == "network":
-            one = replace(cfg, num_experts=1, expert_scope="bottleneck")
+            one = replace(cfg, num_experts=1, expert_scope="bottleneck", handover_network=False)
             self.experts = nn.ModuleList([Restorer(one) for _ in range(cfg.num_experts)])
+            if cfg.handover_network:
+                self.handover = Restorer(one)
         else:
             self._build_restorer(cfg)
 
@@ -473,7 +484,8 @@ class CLIPRPN(Restorer):
         return total
 
     def restore(self, x, routing, mask=None, passes=None):
-        """Restore with given expert weights [B,E]. ``mask`` (0..1, [B,1,H,W]) overrides the
+        """Restore with given expert weights [B,E], or with the handover network (``routing`` = ``HANDOVER``, a
+        model with ``config.handover_network``). ``mask`` (0..1, [B,1,H,W]) overrides the
         estimated one in the cross-attention. ``passes`` (default: the config's) restores the
         previous pass's output again with the same weights and routing; the masks returned are
         those of the first pass (the rain of the input)."""
@@ -483,11 +495,18 @@ class CLIPRPN(Restorer):
     def restore_passes(self, x, routing, mask=None, passes=None):
         """-> (the image after each pass, first-pass mask logits, first-pass mask pyramid)."""
         passes = self.config.passes if passes is None else check_passes(passes)
-        y, mask_logits, pyramid = self._restore_once(x, routing, mask)
+        once = self._restore_once
+        if isinstance(routing, str):
+            if routing != HANDOVER or not self.config.handover_network:
+                raise ValueError(f"routing {routing!r}: only {HANDOVER!r} is a named routing, and only for a model "
+                                 "with a handover network (config.handover_network)")
+            one = torch.ones(x.shape[0], 1, device=x.device)
+            once = lambda xs, _r, m: self.handover._restore_once(xs, one, m)  # noqa: E731
+        y, mask_logits, pyramid = once(x, routing, mask)
         images = [y]
         for _ in range(passes - 1):
             # the next pass sees a valid image, as at the first pass (clamp passes gradients inside 0..1)
-            y = self._restore_once(y.clamp(0, 1), routing, mask)[0]
+            y = once(y.clamp(0, 1), routing, mask)[0]
             images.append(y)
         return images, mask_logits, pyramid
 
@@ -561,6 +580,8 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
                 r = torch.zeros(1, model.config.num_experts, device=dev)
                 r[0, e] = 1.0
                 d = max(d, (model(x, routing=r, passes=1).image - src(x, routing=r, passes=1).image).abs().max().item())
+            if model.config.handover_network and src.config.handover_network:
+                d = max(d, (model.restore(x, HANDOVER, passes=1)[0] - src.restore(x, HANDOVER, passes=1)[0]).abs().max().item())
         model.train(model_mode), src.train(src_mode)
         if d > 1e-5:
             raise RuntimeError(f"grown model differs from its source by {d:.2e} on a probe image")
@@ -613,19 +634,20 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     for e in sources:
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
-    shared = replace(cfg, expert_scope="bottleneck")
+    shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
     grown = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
              and not s.config.same_weights(shared)]
     if grown:
         # perception (and how it views an image) stays the model's
         big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view,
-                              verify_light_mask=cfg.verify_light_mask, verify_heavy_mask=cfg.verify_heavy_mask))
+                              verify_light_mask=cfg.verify_light_mask, verify_heavy_mask=cfg.verify_heavy_mask,
+                              handover_network=cfg.handover_network))
         try:
             grow_from(big, model)
         except ValueError as err:
             raise ValueError(f"a source's config is neither the model's nor a grown version of it: {err}") from None
         model, cfg = big, big.config
-        shared = replace(cfg, expert_scope="bottleneck")
+        shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for e, s in sources.items():
         _check_shared_source(s, shared, f"the source for expert {e}")
@@ -635,30 +657,67 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     return out
 
 
-def shared_network_of(model: CLIPRPN, expert: int) -> CLIPRPN:
+def shared_network_of(model: CLIPRPN, expert: int | str) -> CLIPRPN:
     """Expert ``expert``'s network of the network-scope ``model`` as a shared-network (bottleneck-scope) model, the
     inverse of :func:`replace_network_experts` for that expert: its shared layers are that network's, its expert
     ``expert`` is that network's expert, and each other expert j gets network j's expert block (so the file is
     complete; a run that trains one expert alone never uses them). Perception is ``model``'s. Used to train one
-    shipped expert network further: ``replace_network_experts`` puts the result back."""
+    shipped expert network further: ``replace_network_experts`` puts the result back. ``expert`` = ``HANDOVER``:
+    the handover network, written in the heavy-streaks slot (``HANDOVER_SLOT``; :func:`with_handover_network` takes
+    it back from there)."""
     cfg = model.config
     if cfg.expert_scope != "network":
         raise ValueError("shared_network_of needs a model whose experts are whole networks (expert_scope 'network')")
-    if not 0 <= expert < cfg.num_experts:
+    if expert == HANDOVER:
+        if not cfg.handover_network:
+            raise ValueError("the model has no handover network (config.handover_network is False)")
+        mine, slot = "handover.", HANDOVER_SLOT
+    elif isinstance(expert, int) and 0 <= expert < cfg.num_experts:
+        mine, slot = f"experts.{expert}.", expert
+    else:
         raise ValueError(f"expert {expert} is out of range: the model has {cfg.num_experts} experts")
-    mine = f"experts.{expert}."
     state = {}
     for k, v in model.state_dict().items():
         top = k.split(".", 1)[0]
         if top in PERCEPTION_MODULES:
             state[k] = v.clone()
             continue
-        _, e, rest = k.split(".", 2)
-        if rest.startswith("experts.0."):
-            state[f"experts.{e}.{rest[len('experts.0.'):]}"] = v.clone()
-        elif k.startswith(mine):
-            state[rest] = v.clone()
-    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0)))
+        if top == "experts":
+            _, e, rest = k.split(".", 2)
+            if rest.startswith("experts.0.") and int(e) != slot:
+                state[f"experts.{e}.{rest[len('experts.0.'):]}"] = v.clone()
+        if k.startswith(mine):
+            rest = k[len(mine):]
+            if rest.startswith("experts.0."):
+                state[f"experts.{slot}.{rest[len('experts.0.'):]}"] = v.clone()
+            else:
+                state[rest] = v.clone()
+    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0),
+                          handover_network=False))
+    out.load_state_dict(state)
+    return out
+
+
+def with_handover_network(model: CLIPRPN, source: CLIPRPN | None = None) -> CLIPRPN:
+    """A copy of the network-scope ``model`` with a handover network (``config.handover_network``): ``source``'s
+    network with its heavy-streaks expert (a shared-network model of the model's shape, e.g. one
+    :func:`shared_network_of` wrote with ``HANDOVER``), or, without ``source``, a copy of the model's own
+    heavy-streaks network, which takes the handovers of a model without one (the restorations are then unchanged).
+    Every other tensor is ``model``'s."""
+    cfg = model.config
+    if cfg.expert_scope != "network":
+        raise ValueError("a handover network needs a model whose experts are whole networks (expert_scope 'network')")
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("handover.")}
+    if source is None:
+        mine = f"experts.{HANDOVER_SLOT}."
+        net = {k[len(mine):]: v.clone() for k, v in state.items() if k.startswith(mine)}
+    else:
+        _check_shared_source(source, replace(cfg, expert_scope="bottleneck", handover_network=False),
+                             "the handover network's source")
+        mine = f"experts.{HANDOVER_SLOT}."
+        net = {k[len(mine):]: v for k, v in shared_to_network_experts(source.state_dict(), [HANDOVER_SLOT]).items()}
+    state.update({f"handover.{k}": v for k, v in net.items()})
+    out = CLIPRPN(replace(cfg, handover_network=True))
     out.load_state_dict(state)
     return out
 

@@ -66,6 +66,12 @@ class CLIPRPNConfig:
     # network's light touch. Both restorations are run by the verification anyway. (0, 0) = off (older files): handed
     # over wholly. Inference only, turned off with the verification.
     verify_heavy_mask: tuple[float, float] = (0.0, 0.0)
+    # a network of its own for the light verification's handovers (network scope, with verify_light_mask): the photos
+    # the light network hands over (photographed downpours, rain haze) are restored by this network instead of the
+    # heavy-streaks network, so that the network perception routes heavy rain to can be trained on heavy rain alone
+    # while the handovers keep a network that suits them. Perception never routes to it. False = the heavy-streaks
+    # network takes the handovers (older files).
+    handover_network: bool = False
 
     def __post_init__(self):
         n = len(self.widths)
@@ -94,6 +100,8 @@ class CLIPRPNConfig:
             raise ValueError(f"verify_heavy_mask must be (lo, hi) with 0 <= lo <= hi < 1 ((0, 0): off), got {vh}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
+        if self.handover_network and self.expert_scope != "network":
+            raise ValueError("handover_network needs expert_scope 'network' (a whole network per expert)")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
         """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view``,

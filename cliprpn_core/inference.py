@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_memory
-from .arch import CLIPRPN, pattern_probs, route, route_pattern
+from .arch import CLIPRPN, HANDOVER, pattern_probs, route, route_pattern
 from .config import TRAINING_SHORT_SIDE, check_passes
 from .patterns import EXPERTS, PATTERN_DIM
 
@@ -537,7 +537,9 @@ class Derainer:
         network's own mean mask from its restoration pass: the image is restored as (1 - w) x the light network's
         restoration + w x the heavy network's, w = 0 at or below lo, 1 at or above hi, linear between (the routing
         row carries w; ``heavy_mask`` in the result): a rain-free photo, in which neither network finds its rain,
-        keeps the light network's light touch. An image kept costs nothing more, one handed over is restored twice
+        keeps the light network's light touch. A model with a handover network (``config.handover_network``) has
+        its handovers restored by that network in place of the heavy-streaks network (the routing row still says
+        heavy streaks; ``heavy_mask`` is the handover network's). An image kept costs nothing more, one handed over is restored twice
         (under the self-ensemble, an image shared between the two by 0 < w < 1 has every flip restored by both).
         Only routing decided automatically is verified: perceived here, or given with a router's ranking (an Expert
         Router node without an override); never a manual expert, a routing given without a ranking, or under the
@@ -656,6 +658,7 @@ class Derainer:
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             done = {}  # flips already restored (by the check), reused below
             shared = None  # the heavy network's share of a handover both networks restore, when 0 < share < 1
+            net = None  # the handover network, where it takes the whole image (a model with one)
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
                 routing[i] = self._one_expert(chosen)[0]
@@ -666,7 +669,7 @@ class Derainer:
                     steps.total += n_tiles  # the light network's restoration was one run more
                     lo, hi = self.model.config.verify_heavy_mask
                     if hi > 0:  # the handover confirmed by the heavy network's own mask
-                        heavy = restore_flip(inp, self._one_expert(HEAVY).to(self.device), ())
+                        heavy = restore_flip(inp, self._handover_route(), ())
                         batch.heavy_mask[i] = hm = float(heavy[1].mean())
                         wh = handover_weight(hm, lo, hi)
                         routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
@@ -674,18 +677,21 @@ class Derainer:
                             steps.total += n_tiles * (len(flips) - 1)
                             shared = wh
                         done = {(): first if wh == 0 else heavy if wh == 1 else _mix(first, heavy, wh)}
+                        net = self._handover_route() if wh == 1 else None
                     else:
                         routing[i] = self._one_expert(HEAVY)[0]
+                        net = self._handover_route()
                 else:
                     done = {(): first}
-            r = routing[i:i + 1].to(self.device)
+            # the routing row of a handover says "heavy streaks"; the network that restores it may be the handover one
+            r = routing[i:i + 1].to(self.device) if net is None else net
             o = m = 0
             for dims in flips:  # flip(()) is the identity
                 if shared is not None and dims not in done:
                     # a shared handover: each network restores the flip, their outputs weighted as for the
                     # unflipped image (a mixed routing would mix inside each pass)
-                    done[dims] = _mix(*(restore_flip(inp, self._one_expert(e).to(self.device), dims)
-                                        for e in (LIGHT, HEAVY)), shared)
+                    done[dims] = _mix(restore_flip(inp, self._one_expert(LIGHT).to(self.device), dims),
+                                      restore_flip(inp, self._handover_route(), dims), shared)
                 oi, mi_ = done.get(dims) or restore_flip(inp, r, dims)
                 o = o + oi / len(flips)
                 m = m + mi_ / len(flips)
@@ -695,6 +701,13 @@ class Derainer:
 
     def _one_expert(self, e: int) -> torch.Tensor:
         return route(torch.zeros(1, self.model.config.num_experts), override=e)
+
+    def _handover_route(self):
+        """What restores the light verification's handovers: the handover network (``HANDOVER``) where the model has
+        one, else the heavy-streaks network (its one-hot routing on the device)."""
+        if self.model.config.handover_network:
+            return HANDOVER
+        return self._one_expert(HEAVY).to(self.device)
 
     def _check_expert(self, inp, cands: list[int], ratio: float, restore_flip, residual_rain):
         """The expert check of one image: restore it with each candidate and keep the one
@@ -715,7 +728,7 @@ class Derainer:
 
     def _restore(self, t, r, m, passes=None):
         t = t.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device), passes)
+        img, mlog, _ = self.model.restore(t, r, None if m is None else m.to(self.device), passes)  # r: or HANDOVER
         return img.float(), torch.sigmoid(mlog.float())
 
 

@@ -59,7 +59,8 @@ def _work_side_input():
 def _verify_light_input():
     return io.Boolean.Input("verify_light", default=True, optional=True, advanced=True,
                             tooltip="With automatic routing, an image routed to light_streaks goes to heavy_streaks "
-                                    "instead where the light network finds too little of the rain it knows "
+                                    "(or to the model's handover network, where it has one) instead where the light "
+                                    "network finds too little of the rain it knows "
                                     "(photographed downpours and rain haze taken for light rain; the model's "
                                     "verify_light_mask, a model without it is never verified); where the heavy "
                                     "network finds little of its rain either (a rain-free photo; the model's "

@@ -9,8 +9,17 @@ deeper bottleneck) grows the base's other networks with identity blocks to match
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --head-view 128 -o runs/view.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --verify-heavy-mask 0.1 0.2 -o F
 
+--handover heavy_streaks gives the output a handover network (config.handover_network: the network the light
+verification's handovers go to) that is a copy of the base's heavy-streaks network as it is before any --expert is
+applied; --handover CKPT takes it from a shared-network checkpoint's heavy-streaks network instead. So the heavy
+network can be replaced while the handovers keep the one they had:
+
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --handover heavy_streaks \
+      --expert heavy_streaks=runs/heavy_network.safetensors -o F
+
 --extract NAME does the inverse: it writes expert NAME's network of a whole-network-expert --base as a shared-network
-model (its perception included), the form training starts from (``init``) and --expert takes back:
+model (its perception included), the form training starts from (``init``) and --expert takes back (NAME = handover:
+the handover network, written in the heavy-streaks slot, the form --handover CKPT takes back):
 
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --extract light_streaks \
       -o runs/light_network.safetensors
@@ -24,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cliprpn_core.arch import network_experts_from, replace_network_experts, shared_network_of  # noqa: E402
+from cliprpn_core.arch import (HANDOVER, network_experts_from, replace_network_experts,  # noqa: E402
+                               shared_network_of, with_handover_network)
 from cliprpn_core.checkpoint import file_sha256, load_model, save_model  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
@@ -52,6 +62,10 @@ def main(argv=None) -> int:
                          "restored by the light network where the heavy network's mean rain mask is at most LO, by the "
                          "heavy network where it is at least HI, by both, weighted, between; 0 0 = off: handed over "
                          "wholly); default: the base's. Weights are unchanged")
+    ap.add_argument("--handover", metavar="heavy_streaks|CKPT",
+                    help="give the output a handover network (the network the light verification's handovers go to): "
+                         "heavy_streaks = a copy of the base's heavy-streaks network before any --expert, CKPT = that "
+                         "checkpoint's heavy-streaks network; default: the base's (none, or its own)")
     ap.add_argument("--extract", metavar="NAME",
                     help="write expert NAME's network of a whole-network-expert --base as a shared-network model "
                          "(to train it further); takes no --expert, --head-view or --verify-*-mask")
@@ -59,19 +73,35 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     base = load_model(a.base)
     if a.extract is not None:
-        if a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None:
-            ap.error("--extract takes no --expert, --head-view, --verify-light-mask or --verify-heavy-mask")
-        e = _expert_index(a.extract, base.config.num_experts)
-        if e < 0:
-            ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)} or 0..{base.config.num_experts - 1}")
+        if (a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None
+                or a.handover is not None):
+            ap.error("--extract takes no --expert, --handover, --head-view, --verify-light-mask or --verify-heavy-mask")
+        e = HANDOVER if a.extract == HANDOVER else _expert_index(a.extract, base.config.num_experts)
+        if e == -1:
+            ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)}, {HANDOVER} or "
+                     f"0..{base.config.num_experts - 1}")
         try:
             model = shared_network_of(base, e)
         except ValueError as err:
             ap.error(f"{a.base}: {err}")
+        name = e if e == HANDOVER else EXPERTS[e]
         save_model(model, a.out, extra_meta={"extracted_from": f"{a.base} sha256:{file_sha256(a.base)[:16]} "
-                                                                 f"expert {EXPERTS[e]}"})
-        print(f"wrote {a.out}: {EXPERTS[e]}'s network of {a.base} as a shared-network model")
+                                                                 f"expert {name}"})
+        print(f"wrote {a.out}: {name}'s network of {a.base} as a shared-network model")
         return 0
+    handover_from = None
+    if a.handover is not None:
+        if base.config.expert_scope != "network":
+            ap.error("--handover needs a --base whose experts are whole networks (expert_scope 'network')")
+        try:
+            if a.handover == "heavy_streaks":
+                base = with_handover_network(base)
+                handover_from = f"{a.base} sha256:{file_sha256(a.base)[:16]} (its heavy_streaks network)"
+            else:
+                base = with_handover_network(base, load_model(a.handover))
+                handover_from = f"{a.handover} sha256:{file_sha256(a.handover)[:16]}"
+        except ValueError as err:
+            ap.error(f"--handover {a.handover}: {err}")
     paths = [a.base] * base.config.num_experts
     for spec in a.expert:
         name, sep, path = spec.partition("=")
@@ -95,11 +125,14 @@ def main(argv=None) -> int:
             except ValueError as e:
                 ap.error(str(e))
     kept = " (its own network)" if base.config.expert_scope == "network" else ""
-    save_model(model, a.out, extra_meta={"assembled_from": {
-        EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}})
+    sources = {EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}
+    if handover_from:
+        sources[HANDOVER] = handover_from
+    save_model(model, a.out, extra_meta={"assembled_from": sources})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out}: {n / 1e6:.2f} M parameters; "
-          + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths)))
+          + ", ".join(f"{EXPERTS[e]} <- {p}" for e, p in enumerate(paths))
+          + (f"; {HANDOVER} <- {handover_from}" if handover_from else ""))
     return 0
 
 

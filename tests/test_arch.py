@@ -567,3 +567,80 @@ def test_inference_folds_the_residual_scales_and_follows_weight_changes(tiny_mod
         out64 = m(x.double(), routing=r.double()).image
     assert blocks[0]._inference[1].dtype == torch.float64
     torch.testing.assert_close(out64.float(), plain, atol=1e-5, rtol=0)
+
+
+def test_handover_network_is_a_network_of_its_own_kept_through_assembly(tmp_path, tiny_model, tiny_network_model):
+    """A handover network starts as a copy of the heavy-streaks network (same restorations), is stored with its
+    config, survives replacing or growing the heavy network, goes out and back in through the shared-network form,
+    and is what the script's --handover / --extract handover write."""
+    import subprocess
+    import sys
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core import load_model, save_model
+    from cliprpn_core.arch import HANDOVER, grow_from, replace_network_experts, shared_network_of, with_handover_network
+    with pytest.raises(ValueError, match="handover_network needs expert_scope 'network'"):
+        CLIPRPNConfig(handover_network=True)
+    m = tiny_network_model
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("experts."):
+                p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ValueError, match="only 'handover' is a named routing"):
+        m.restore(torch.rand(1, 3, 16, 16), HANDOVER)
+    h = with_handover_network(m).eval()
+    assert h.config.handover_network and not m.config.handover_network
+    x, heavy = torch.rand(2, 3, 16, 16), torch.eye(4)[1:2].expand(2, -1)
+    with torch.no_grad():
+        want = m.restore(x, heavy, passes=2)[0]
+        torch.testing.assert_close(h.restore(x, HANDOVER, passes=2)[0], want, atol=0, rtol=0)
+    # the heavy network replaced by another one: the handover network stays as it was
+    other = shared_network_of(m, 0)  # any network of the model's shape (here the light one)
+    two = replace_network_experts(h, {1: other}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(two.restore(x, HANDOVER)[0], m.restore(x, heavy)[0], atol=0, rtol=0)
+        torch.testing.assert_close(two.restore(x, heavy)[0], other.eval().restore(x, heavy)[0], atol=1e-6, rtol=0)
+    # ... also by a deeper network: the handover network is grown with identity blocks and restores as before
+    deeper = CLIPRPN(dc_replace(tiny_model.config, middle_blocks=tiny_model.config.middle_blocks + 1))
+    grow_from(deeper, tiny_model)
+    grown = replace_network_experts(h, {1: deeper}).eval()
+    assert grown.config.handover_network and grown.config.middle_blocks == deeper.config.middle_blocks
+    with torch.no_grad():
+        torch.testing.assert_close(grown.restore(x, HANDOVER)[0], m.restore(x, heavy)[0], atol=1e-5, rtol=0)
+    # out as a shared-network model (the heavy-streaks slot) and back in
+    net = shared_network_of(two, HANDOVER).eval()
+    assert net.config.expert_scope == "bottleneck" and not net.config.handover_network
+    with torch.no_grad():
+        torch.testing.assert_close(net.restore(x, heavy)[0], m.restore(x, heavy)[0], atol=1e-6, rtol=0)
+    back = with_handover_network(two, net)
+    for (k, v), (k2, v2) in zip(sorted(back.state_dict().items()), sorted(two.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    with pytest.raises(ValueError, match="no handover network"):
+        shared_network_of(m, HANDOVER)
+    # stored: the config says so, the tensors come back; the script writes both forms
+    save_model(two, tmp_path / "two.safetensors")
+    got = load_model(tmp_path / "two.safetensors")
+    assert got.config.handover_network
+    for (k, v), (k2, v2) in zip(sorted(got.state_dict().items()), sorted(two.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    save_model(m, tmp_path / "m.safetensors")
+    save_model(other, tmp_path / "other.safetensors")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_experts.py"
+    run = lambda base, *a: subprocess.run([sys.executable, str(script), "--base", str(tmp_path / base), *a],  # noqa: E731
+                                          capture_output=True, text=True)
+    out = run("m.safetensors", "--handover", "heavy_streaks", "--expert", f"heavy_streaks={tmp_path / 'other.safetensors'}",
+              "-o", str(tmp_path / "s.safetensors"))
+    assert out.returncode == 0, out.stderr
+    for (k, v), (k2, v2) in zip(sorted(load_model(tmp_path / "s.safetensors").state_dict().items()),
+                                sorted(two.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    out = run("s.safetensors", "--extract", "handover", "-o", str(tmp_path / "h.safetensors"))
+    assert out.returncode == 0, out.stderr
+    out = run("s.safetensors", "--handover", str(tmp_path / "h.safetensors"), "-o", str(tmp_path / "s2.safetensors"))
+    assert out.returncode == 0, out.stderr
+    for (k, v), (k2, v2) in zip(sorted(load_model(tmp_path / "s2.safetensors").state_dict().items()),
+                                sorted(two.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    save_model(shared_network_of(m, 0), tmp_path / "shared.safetensors")
+    bad = run("shared.safetensors", "--handover", "heavy_streaks", "-o", str(tmp_path / "x.safetensors"))
+    assert bad.returncode == 2 and "whole networks" in bad.stderr and not (tmp_path / "x.safetensors").exists()

@@ -116,6 +116,15 @@ def test_derain_report_says_how_the_heavy_network_confirmed_a_handover(images, t
     assert 0 < hm < 0.99 and got["shared"]["verified"].startswith("shared")
     assert got["shared"]["routing"]["heavy_streaks"] == pytest.approx(hm / 0.99, abs=2e-4)
     assert got["kept"]["heavy_mask"] == got["handed"]["heavy_mask"] == hm  # the same figure decides each time
+    # a model with a handover network names it as the network that took the image
+    from cliprpn_core.arch import with_handover_network
+    h = with_handover_network(m)
+    h.config = replace(h.config, verify_heavy_mask=(0.001, 0.002))
+    save_model(h, tmp_path / "h.safetensors")
+    assert main(["derain", str(images / "img0.png"), "-o", str(tmp_path / "h"), "--checkpoint",
+                 str(tmp_path / "h.safetensors"), "--device", "cpu", "-q", "--report", str(tmp_path / "h.json")]) == 0
+    entry = json.loads((tmp_path / "h.json").read_text())["images"][0]
+    assert entry["verified"].startswith("handed to the handover network") and entry["heavy_mask"] == hm
 
 
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):

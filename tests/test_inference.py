@@ -452,6 +452,43 @@ def test_handover_confirmed_by_the_heavy_networks_mask(verifying):
     assert r.routing.argmax(1).tolist() == [1, 1] and torch.isnan(r.heavy_mask).all()
 
 
+def test_a_handover_network_takes_the_handovers_and_the_heavy_network_the_rest(verifying):
+    """With config.handover_network the light verification's handovers (whole, shared, every flip of the self-
+    ensemble) are restored by the handover network, and only they: an image routed or forced to heavy_streaks gets
+    the heavy-streaks network. A handover network copied from the heavy one changes no result."""
+    from dataclasses import replace
+
+    from cliprpn_core.arch import with_handover_network
+    d, x, light, means = verifying
+    heavy = d.derain(x, DerainOptions(expert=1))
+    heavy_se = d.derain(x, DerainOptions(expert=1, self_ensemble=True, tile=32, overlap=8))
+    hm = [float(heavy.masks[i].mean()) for i in range(2)]
+    h = Derainer(with_handover_network(d.model), device="cpu", dtype="fp32")
+    _set_verify(h, max(means) + 1e-3)  # both images are handed over
+    row = dict(routing=LIGHT_ROW.expand(2, -1), ranking=LIGHT_ROW)
+    assert torch.equal(h.derain(x, **row).images, heavy.images)  # a copy of the heavy network: nothing changes
+    with torch.no_grad():  # the heavy-streaks network changed: routed and forced heavy images see it, handovers not
+        for p in h.model.experts[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new_heavy = h.derain(x, DerainOptions(expert=1))
+    assert (new_heavy.images - heavy.images).abs().max() > 1e-3
+    r = h.derain(x, **row)  # handed over wholly (no confirmation set)
+    assert r.routing.argmax(1).tolist() == [1, 1] and torch.allclose(r.images, heavy.images, atol=1e-6)
+    r = h.derain(x, DerainOptions(self_ensemble=True, tile=32, overlap=8), **row)  # every flip
+    assert torch.allclose(r.images, heavy_se.images, atol=1e-6)
+    _set_confirm(h, min(hm) - 2e-3, min(hm) - 1e-3)  # confirmed by the handover network's mask
+    r = h.derain(x, **row)
+    assert torch.allclose(r.images, heavy.images, atol=1e-6) and torch.allclose(r.heavy_mask, torch.tensor(hm), atol=1e-6)
+    i = hm.index(max(hm))
+    _set_confirm(h, max(hm) - 0.75 * 1e-2, max(hm) + 0.25 * 1e-2)  # shared 0.25 light, 0.75 handover
+    r = h.derain(x[i:i + 1], routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert torch.allclose(r.images[0], 0.25 * light.images[i] + 0.75 * heavy.images[i], atol=1e-5)
+    # an image perception routes to the heavy network is that network's
+    routed = h.derain(x, routing=torch.eye(4)[1:2].expand(2, -1), ranking=torch.eye(4)[1:2])
+    assert torch.allclose(routed.images, new_heavy.images, atol=1e-6)
+    assert replace(h.model.config, handover_network=False).same_weights(h.model.config) is False
+
+
 def test_verify_heavy_mask_is_stored_checked_and_not_part_of_the_weights(tmp_path, tiny_network_model):
     from dataclasses import replace
 
