@@ -8,12 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import losses as L
 from . import plotting
-from .arch import pattern_probs
-from .inference import WORK_SIDE, check_work_side, resize, split_channels, work_size
+from .arch import HANDOVER
+from .inference import HEAVY, WORK_SIDE, Derainer, DerainOptions, check_work_side, resize, split_channels, work_size
 from .train import TrainStep, cosine_lr
 
 MIN_SIDE = 16  # smallest pair side a fine-tune takes
@@ -83,9 +82,11 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
               preview: Callable[[Callable], None] | None = None, work_side: int = WORK_SIDE) -> FinetuneResult:
     """Fine-tune a deep copy of ``model`` on in-memory pairs ([B,C,H,W] 0..1, C in 1..4, same sizes).
 
-    Routing per pair comes from the model's own perception (or ``perceive(rainy) -> probs``,
-    e.g. CLIP) as a one-hot top-1, so the experts that would run on such rain are the ones
-    trained. The pattern head and router stay as they are (pairs carry no pattern labels). The loss is the
+    Each pair is routed as the derainer routes it (:func:`pair_routing`: the model's own perception, or
+    ``perceive(rainy) -> probs``, e.g. CLIP, top-1, then the model's light verification), so the networks that will
+    restore such rain are the ones trained: a pair the light network hands over trains the network that takes the
+    handover (the handover network where the model has one), and one shared by the handover's confirmation trains
+    both networks through their weighted sum. The pattern head and router stay as they are (pairs carry no pattern labels). The loss is the
     ``schedule`` preset (losses.PRESETS) plus ``mask_weight`` times the mask loss against where the pair
     differs; the learning rate decays from ``lr`` to FINAL_LR of it along a cosine, gradients are
     clipped to GRAD_CLIP. ``on_step(done, total)`` is called after each step (progress and Cancel: an
@@ -106,8 +107,11 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
     if size is not None:
         rainy, clean = resize(rainy, size), resize(clean, size)
     device = torch.device(device)
-    net = fresh_copy(model).to(device).train().requires_grad_(True)
-    net = net.to(memory_format=torch.contiguous_format)
+    net = fresh_copy(model).to(device)
+    with torch.no_grad():
+        probs = perceive(rainy).float().cpu() if perceive is not None else None
+        routing, handover = pair_routing(net, rainy, probs, device)
+    net = net.train().requires_grad_(True).to(memory_format=torch.contiguous_format)
     net.pattern_head.requires_grad_(False)
     net.router.requires_grad_(False)
     sched = L.build_schedule(L.PRESETS[schedule]).to(device)
@@ -118,12 +122,6 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
     gen = torch.Generator().manual_seed(int(seed))
 
     h, w = rainy.shape[-2:]
-    with torch.no_grad():
-        if perceive is not None:
-            probs = perceive(rainy).float().cpu()
-        else:
-            probs = pattern_probs(net.perceive(rainy.to(device))).cpu()
-        routing = net.router(probs.to(device)).argmax(-1).cpu()
     ph, pw = min(patch, h), min(patch, w)
     m = model.config.pad_multiple
     ph, pw = max(m, ph // m * m), max(m, pw // m * m)
@@ -132,8 +130,7 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
         optim.set_lr(step)
         xr, xc, idx = _crops(rainy, clean, batch_size, ph, pw, gen)
         xr, xc = xr.to(device), xc.to(device)
-        onehot = F.one_hot(routing[idx], model.config.num_experts).float().to(device)
-        img, mlog, _ = net.restore(xr, onehot)
+        img, mlog = _restore_routed(net, xr, routing[idx].to(device), handover[idx].to(device))
         img = img.float()
         terms = {k: fn(img, xc) for k, fn in terms_fn.items()}
         total = sched(terms, step, steps)
@@ -152,6 +149,44 @@ def _finetune(model: torch.nn.Module, rainy: torch.Tensor, clean: torch.Tensor, 
             on_step(step + 1, steps)
     net.eval().requires_grad_(False)
     return FinetuneResult(net, history)
+
+
+def pair_routing(net: torch.nn.Module, rainy: torch.Tensor, probs: torch.Tensor | None, device) -> tuple:
+    """Where the derainer sends each pair [B,3,H,W] (at the size it will restore it) -> (routing [B,E], the handover
+    network's weight [B]). Perception (the model's, or the given pattern ``probs``) picks the expert, top-1, and the
+    model's light verification (``config.verify_light_mask``, with its confirmation) may hand a light-routed pair
+    over: to the heavy-streaks network (its routing row says so), or to the handover network of a model with one
+    (its weight moves from the row's heavy-streaks column to the second value). Runs one default derain of the pairs,
+    as the Derain node would; ``net`` is left in eval mode."""
+    d = Derainer(net, device=device, dtype="fp32")
+    r = d.derain(rainy, DerainOptions(), pattern=probs)
+    routing = r.routing.float().cpu().clone()
+    handover = torch.zeros(routing.shape[0])
+    if net.config.handover_network and r.light_mask is not None:
+        handed = torch.isfinite(r.light_mask) & (r.light_mask < net.config.verify_light_mask)
+        handover = torch.where(handed, routing[:, HEAVY], handover)
+        routing[handed, HEAVY] = 0.0
+    return routing, handover
+
+
+def _restore_routed(net, x, routing, handover):
+    """-> (images, mask logits) of crops ``x`` restored as :func:`pair_routing` routed their pairs: the routed experts'
+    weighted outputs plus the handover network's output by its weight (each network runs only on its crops)."""
+    if not bool((handover > 0).any()):
+        img, mlog, _ = net.restore(x, routing)
+        return img, mlog
+    img = mlog = None
+    for idx, run, w in (((routing.sum(1) > 0).nonzero().flatten(), lambda xs, i: net.restore(xs, routing[i]), None),
+                        ((handover > 0).nonzero().flatten(), lambda xs, i: net.restore(xs, HANDOVER), handover)):
+        if idx.numel() == 0:
+            continue
+        a, ma, _ = run(x[idx], idx)
+        if w is not None:  # the routed experts' outputs are weighted inside restore; the handover network's here
+            a, ma = w[idx].view(-1, 1, 1, 1) * a, w[idx].view(-1, 1, 1, 1) * ma
+        if img is None:
+            img, mlog = a.new_zeros((x.shape[0], *a.shape[1:])), ma.new_zeros((x.shape[0], *ma.shape[1:]))
+        img, mlog = img.index_add(0, idx, a), mlog.index_add(0, idx, ma)
+    return img, mlog
 
 
 def _crops(rainy, clean, batch_size, ph, pw, gen):

@@ -165,3 +165,35 @@ def test_finetune_trains_pairs_above_the_working_size_at_it(tiny_model, monkeypa
     assert seen[-1] == ((2, 3, 96, 96), (2, 3, 96, 96))
     with pytest.raises(ValueError, match="work_side must be 0"):
         finetune(tiny_model, rainy, clean, steps=1, lr=1e-3, work_side=8)
+
+
+def test_finetune_trains_the_network_the_derainer_would_use(tiny_network_model):
+    """Pairs perception routes to the light network but the light verification hands over train the network that
+    takes the handover (the heavy-streaks network, or the handover network of a model with one); a pair shared by
+    the confirmation trains both; pairs the light network keeps train it."""
+    from dataclasses import replace
+
+    from cliprpn_core.arch import with_handover_network
+    from cliprpn_core.finetune import pair_routing
+    m = tiny_network_model
+    with torch.no_grad():
+        m.router.linear.bias.copy_(torch.tensor([9.0, -9.0, -9.0, -9.0]))  # perception routes to the light network
+    rainy, clean = _pairs(n=2, size=24)
+
+    def trained(model):
+        res = finetune(model, rainy, clean, steps=2, lr=3e-3, schedule="charbonnier", patch=16, batch_size=2, seed=0)
+        before, after = model.state_dict(), res.model.state_dict()
+        return {k.split(".")[1] if k.startswith("experts.") else k.split(".")[0]
+                for k in before if not torch.equal(before[k], after[k])}
+
+    assert trained(m) == {"0"}  # not verified: the light network
+    m.config = replace(m.config, verify_light_mask=0.99)  # the light network never finds that much rain: handed over
+    assert trained(m) == {"1"}
+    h = with_handover_network(m)
+    routing, handover = pair_routing(h, rainy, None, "cpu")
+    assert routing.sum().item() == 0 and handover.tolist() == [1.0, 1.0]
+    assert trained(h) == {"handover"}
+    h.config = replace(h.config, verify_heavy_mask=(0.0, 0.99))  # the handover network's mask shares them
+    routing, handover = pair_routing(h, rainy, None, "cpu")
+    assert ((handover > 0) & (handover < 1)).all() and torch.allclose(routing[:, 0] + handover, torch.ones(2))
+    assert trained(h) == {"0", "handover"}
