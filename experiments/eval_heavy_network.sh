@@ -9,7 +9,9 @@
 #   synthetic  the synthetic per-regime set in both styles (written once to runs/synth_classic and
 #              runs/synth_downpour, 160 images, seed 1234: the sets benchmarks.synthetic_regimes writes by default;
 #              the shipped model is scored again beside the candidate)
-#   contact    the contact sheet of the 19 real photos the verification hands to the heavy network
+#   contact    the contact sheet of the 19 real photos the verification hands to the heavy network (since chain
+#              stage 23 the shipped model keeps its own handover network for them: identical outputs there)
+#   direct     the contact sheet of the six real photos perception routes to the heavy network
 #   haze       the contact sheet of the four of them whose haze the shipped heavy network lifts most (004 022 028 029)
 set -euo pipefail
 R=${1:?run dir}; O=${2:?out dir}; P=${3:-final}; T=${4:-2}; shift $(( $# < 4 ? $# : 4 ))
@@ -44,6 +46,8 @@ for part in $PARTS; do
       sheet contact 001 003 004 005 006 007 012 014 022 025 027 028 029 031 033 036 038 043 047 ;;
     haze)
       sheet haze 004 022 028 029 ;;
-    *) echo "unknown part $part (clean routed synthetic contact haze)" >&2; exit 2 ;;
+    direct)
+      sheet direct 008 010 035 042 049 050 ;;
+    *) echo "unknown part $part (clean routed synthetic contact haze direct)" >&2; exit 2 ;;
   esac
 done
