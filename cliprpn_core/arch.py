@@ -708,15 +708,14 @@ def with_handover_network(model: CLIPRPN, source: CLIPRPN | None = None) -> CLIP
     if cfg.expert_scope != "network":
         raise ValueError("a handover network needs a model whose experts are whole networks (expert_scope 'network')")
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("handover.")}
-    if source is None:
-        mine = f"experts.{HANDOVER_SLOT}."
-        net = {k[len(mine):]: v.clone() for k, v in state.items() if k.startswith(mine)}
-    else:
+    if source is not None:
         _check_shared_source(source, replace(cfg, expert_scope="bottleneck", handover_network=False),
                              "the handover network's source")
-        mine = f"experts.{HANDOVER_SLOT}."
-        net = {k[len(mine):]: v for k, v in shared_to_network_experts(source.state_dict(), [HANDOVER_SLOT]).items()}
-    state.update({f"handover.{k}": v for k, v in net.items()})
+    # the heavy-streaks network's tensors, of the model itself or of the source (as a network-scope expert)
+    heavy = state if source is None else shared_to_network_experts(source.state_dict(), [HANDOVER_SLOT])
+    mine = f"experts.{HANDOVER_SLOT}."
+    handover = {f"handover.{k[len(mine):]}": v.clone() for k, v in heavy.items() if k.startswith(mine)}
+    state.update(handover)
     out = CLIPRPN(replace(cfg, handover_network=True))
     out.load_state_dict(state)
     return out
