@@ -184,12 +184,13 @@ def cmd_derain(args):
                 wl, wh = float(w[EXPERTS.index("light_streaks")]), float(w[EXPERTS.index("heavy_streaks")])
                 handed = f"its light mask {lm:.4f} is below the model's verify_light_mask"
                 # the network that takes a handover: the model's handover network where it has one
-                to = "the handover network" if d.model.config.handover_network else "the heavy-streaks network"
+                own = d.model.config.handover_network
+                to = "the handover network" if own else "the heavy-streaks network"
                 if r.heavy_mask is not None and not torch.isnan(r.heavy_mask[0]):  # the handover was confirmed
                     hm = float(r.heavy_mask[0])
                     entry["heavy_mask"] = round(hm, 4)
-                    confirmed = (f"{'the handover' if d.model.config.handover_network else 'the heavy'} network's mask "
-                                 f"{hm:.4f} against the model's verify_heavy_mask")
+                    confirmed = (f"{'the handover' if own else 'the heavy'} network's mask {hm:.4f} against the "
+                                 "model's verify_heavy_mask")
                     entry["verified"] = (f"kept by the light-streaks network: {handed}, but {confirmed} finds no "
                                          f"heavy rain" if wh == 0 else
                                          f"handed to {to}: {handed}, and {confirmed} finds "

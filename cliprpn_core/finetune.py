@@ -8,10 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import losses as L
 from . import plotting
-from .arch import HANDOVER
+from .arch import HANDOVER, pattern_probs
 from .inference import HEAVY, WORK_SIDE, Derainer, DerainOptions, check_work_side, resize, split_channels, work_size
 from .train import TrainStep, cosine_lr
 
@@ -156,14 +157,22 @@ def pair_routing(net: torch.nn.Module, rainy: torch.Tensor, probs: torch.Tensor 
     network's weight [B]). Perception (the model's, or the given pattern ``probs``) picks the expert, top-1, and the
     model's light verification (``config.verify_light_mask``, with its confirmation) may hand a light-routed pair
     over: to the heavy-streaks network (its routing row says so), or to the handover network of a model with one
-    (its weight moves from the row's heavy-streaks column to the second value). Runs one default derain of the pairs,
-    as the Derain node would; ``net`` is left in eval mode."""
+    (its weight moves from the row's heavy-streaks column to the second value). A model that verifies runs one
+    default derain of the pairs, as the Derain node would (the verification needs the light network's restoration
+    pass); any other is only perceived and routed. ``net`` is left in eval mode."""
+    cfg = net.config
+    if not (cfg.expert_scope == "network" and cfg.verify_light_mask > 0):  # never verified: perception decides
+        net.eval()
+        if probs is None:
+            probs = pattern_probs(net.perceive(rainy.to(device))).cpu()
+        routing = F.one_hot(net.router(probs.to(device)).argmax(-1), cfg.num_experts).float().cpu()
+        return routing, torch.zeros(routing.shape[0])
     d = Derainer(net, device=device, dtype="fp32")
     r = d.derain(rainy, DerainOptions(), pattern=probs)
     routing = r.routing.float().cpu().clone()
     handover = torch.zeros(routing.shape[0])
-    if net.config.handover_network and r.light_mask is not None:
-        handed = torch.isfinite(r.light_mask) & (r.light_mask < net.config.verify_light_mask)
+    if cfg.handover_network and r.light_mask is not None:
+        handed = torch.isfinite(r.light_mask) & (r.light_mask < cfg.verify_light_mask)
         handover = torch.where(handed, routing[:, HEAVY], handover)
         routing[handed, HEAVY] = 0.0
     return routing, handover

@@ -89,17 +89,9 @@ def main(argv=None) -> int:
                                                                  f"expert {name}"})
         print(f"wrote {a.out}: {name}'s network of {a.base} as a shared-network model")
         return 0
-    handover_from = None
     if a.handover is not None:
-        if base.config.expert_scope != "network":
-            ap.error("--handover needs a --base whose experts are whole networks (expert_scope 'network')")
         try:
-            if a.handover == "heavy_streaks":
-                base = with_handover_network(base)
-                handover_from = f"{a.base} sha256:{file_sha256(a.base)[:16]} (its heavy_streaks network)"
-            else:
-                base = with_handover_network(base, load_model(a.handover))
-                handover_from = f"{a.handover} sha256:{file_sha256(a.handover)[:16]}"
+            base = with_handover_network(base, None if a.handover == "heavy_streaks" else load_model(a.handover))
         except ValueError as err:
             ap.error(f"--handover {a.handover}: {err}")
     paths = [a.base] * base.config.num_experts
@@ -126,6 +118,11 @@ def main(argv=None) -> int:
                 ap.error(str(e))
     kept = " (its own network)" if base.config.expert_scope == "network" else ""
     sources = {EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}
+    handover_from = None
+    if a.handover == "heavy_streaks":
+        handover_from = f"{a.base} sha256:{digest[a.base]} (its heavy_streaks network)"
+    elif a.handover is not None:
+        handover_from = f"{a.handover} sha256:{file_sha256(a.handover)[:16]}"
     if handover_from:
         sources[HANDOVER] = handover_from
     save_model(model, a.out, extra_meta={"assembled_from": sources})
