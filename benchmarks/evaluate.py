@@ -8,7 +8,8 @@ outputs written as 8-bit PNG at the input size, then Y-PSNR / SSIM read back fro
 per-image oracle: the best expert for each image chosen by its ground truth (an upper bound for top-1 routing,
 not a method: it needs the clean image), how often each expert is that best one, and how often routing picked it;
 --expert NAME runs only that one expert for every image, in place of the routed runs (a network trained without
-routing, evaluated as it is used);
+routing, evaluated as it is used; `--expert handover`: the model's handover network, which restores the images the
+light verification hands over, forced on every image);
 --self-ensemble also runs the routed model with the flip self-ensemble (the Derain node's option);
 --check also runs it with the expert check (the two best-ranked experts, the runner-up kept where the model's
 mask estimator finds clearly less rain in its output; the Derain node's expert_check option); both together
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cliprpn_core.arch import HANDOVER
 from cliprpn_core.checkpoint import load_model
 from cliprpn_core.inference import CHECK_RATIO, Derainer, DerainOptions
 from cliprpn_core.patterns import EXPERTS
@@ -69,8 +71,9 @@ def main():
     ap.add_argument("--sets", nargs="+", default=["rain100l", "heavy_test"])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--experts", action="store_true")
-    ap.add_argument("--expert", choices=EXPERTS, help="only: every image through this one expert (e.g. a network "
-                    "trained without routing, as it is used), in place of the routed runs")
+    ap.add_argument("--expert", choices=[*EXPERTS, HANDOVER],
+                    help="only: every image through this one expert (e.g. a network trained without routing, as it "
+                         "is used), or handover: the model's handover network; in place of the routed runs")
     ap.add_argument("--self-ensemble", action="store_true", help="also: routed + flip self-ensemble (4 runs per image)")
     ap.add_argument("--top-k", type=int, default=1, help="experts per image for the routed runs")
     ap.add_argument("--passes", type=int, default=0, help="restoration passes (0: each model's own setting)")
@@ -94,8 +97,8 @@ def main():
         for s in a.sets:
             if a.expert:
                 key = f"forced_{a.expert}"
-                res[s] = {key: run(d, Path(a.data) / s, DerainOptions(expert=EXPERTS.index(a.expert),
-                                                                         passes=routed.passes))}
+                e = HANDOVER if a.expert == HANDOVER else EXPERTS.index(a.expert)
+                res[s] = {key: run(d, Path(a.data) / s, DerainOptions(expert=e, passes=routed.passes))}
                 print(f"{ck} {s} forced {a.expert}: {short(res[s][key])}", flush=True)
                 continue
             res[s] = {"routed": run(d, Path(a.data) / s, routed)}

@@ -41,15 +41,19 @@ def int_in(lo: int, hi: int | None = None, zero_ok: bool = False, what: str = "a
 
 
 def expert_arg(text):
-    """argparse type for --expert: an expert's index or name (``1``, ``heavy_streaks``)."""
+    """argparse type for --expert: an expert's index or name (``1``, ``heavy_streaks``), or ``handover`` (the network
+    the light verification hands its images to)."""
+    from .arch import HANDOVER
     from .patterns import EXPERTS
+    if text == HANDOVER:
+        return HANDOVER
     if text in EXPERTS:
         return EXPERTS.index(text)
     try:
         return int_in(0, len(EXPERTS) - 1, what="an expert's index or name")(text)
     except argparse.ArgumentTypeError as err:
         raise argparse.ArgumentTypeError(
-            f"{err}; experts: " + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS))) from None
+            f"{err}; experts: " + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS)) + f", or {HANDOVER}") from None
 
 
 def check_tiling(tile: int, overlap: int) -> None:
@@ -143,7 +147,7 @@ def cmd_derain(args):
         if todo:
             d, ck = _load_derainer(args)
             e = d.model.config.num_experts
-            if args.expert is not None and not 0 <= args.expert < e:
+            if isinstance(args.expert, int) and not 0 <= args.expert < e:
                 raise UsageError(f"--expert {args.expert} is out of range: this model has {e} experts (0..{e - 1}: "
                                  + ", ".join(EXPERTS[:e]) + ")")
             if args.top_k > e:
@@ -178,6 +182,9 @@ def cmd_derain(args):
                      "perceived_by": r.perceived_by, "pattern": describe(r.pattern[0]),
                      "pattern_probs": [round(float(p), 4) for p in r.pattern[0]],
                      "routing": {EXPERTS[i]: round(float(w[i]), 4) for i in range(len(w)) if w[i] > 0}}
+            if r.handover:  # --expert handover: the routing row says heavy streaks
+                entry["restored_by"] = ("the handover network" if d.model.config.handover_network else
+                                        "the heavy-streaks network (this model has no handover network)")
             if r.light_mask is not None and not torch.isnan(r.light_mask[0]):  # light routing was verified
                 lm = float(r.light_mask[0])
                 entry["light_mask"] = round(lm, 4)
@@ -355,7 +362,9 @@ def build_parser():
                         "previous output)")
     d.add_argument("--expert", type=expert_arg, default=None,
                    help="force one expert for every image, by index or name: "
-                   + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS)))
+                   + ", ".join(f"{i} {n}" for i, n in enumerate(EXPERTS))
+                   + ", or handover: the network the light verification hands photographed downpours and rain "
+                     "haze to (the model's handover network; the heavy-streaks network in a model without one)")
     d.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png")
     d.add_argument("--report", help="write per-image pattern, routing and seconds as JSON")
     d.add_argument("--threads", type=int_in(1, 1024, zero_ok=True), default=0, help="CPU threads (0: torch default)")

@@ -113,6 +113,8 @@ class DerainResult:
     light_mask: torch.Tensor | None = None
     # per image: the heavy network's mean rain mask where a handover was confirmed by it (verify_heavy_mask), else NaN
     heavy_mask: torch.Tensor | None = None
+    # every image restored by the network the light verification hands over to (DerainOptions.expert == HANDOVER)
+    handover: bool = False
 
 
 def check_images(x: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -319,7 +321,9 @@ class DerainOptions:
     """How :meth:`Derainer.derain` restores: what the CLI's flags, the nodes' inputs and the benchmarks set.
 
     ``top_k``/``temperature``: the router's mix of experts per image; ``expert``: a manual choice of one
-    expert for every image instead (never checked); ``tile``: tile side in pixels (None: the whole image,
+    expert for every image instead (never checked), by index, or ``HANDOVER`` ("handover") for the network the light
+    verification hands its images to (the model's handover network, the heavy-streaks network in a model without
+    one; the routing row says heavy streaks); ``tile``: tile side in pixels (None: the whole image,
     tiled automatically above AUTO_TILE_PIXELS, and on the CPU by cpu_tile_side once the image is twice its
     area; 0: the whole image, never tiled) with ``overlap`` pixels
     of feathered overlap; ``self_ensemble``: average the restorations of the image and its horizontal,
@@ -332,7 +336,7 @@ class DerainOptions:
     where the model sets it."""
     top_k: int = 1
     temperature: float = 1.0
-    expert: int | None = None
+    expert: int | str | None = None
     tile: int | None = None
     overlap: int = DEFAULT_OVERLAP
     self_ensemble: bool = False
@@ -346,6 +350,8 @@ class DerainOptions:
         """The options with ``passes`` as an int in range (ValueError otherwise), a valid check ratio and working
         size."""
         opt = self if self.passes is None else replace(self, passes=check_passes(self.passes))
+        if isinstance(opt.expert, str) and opt.expert != HANDOVER:
+            raise ValueError(f"expert must be an expert's index or {HANDOVER!r}, got {opt.expert!r}")
         if opt.check and not 0 < opt.check_ratio:
             raise ValueError(f"check_ratio must be > 0, got {opt.check_ratio}")
         check_work_side(opt.work_side)
@@ -395,6 +401,7 @@ class _Batch:
     verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
     light_mask: torch.Tensor | None = None  # [B] the light network's mean mask where verified, else NaN
     heavy_mask: torch.Tensor | None = None  # [B] the heavy network's mean mask where a handover was confirmed, else NaN
+    handover: bool = False  # every image forced to the handover network (DerainOptions.expert == HANDOVER)
 
 
 class _Steps:
@@ -561,12 +568,12 @@ class Derainer:
             rain = F.interpolate(small - r.images, size=x.shape[-2:], mode="bicubic", align_corners=False)
             masks = F.interpolate(r.masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return DerainResult((x - rain).clamp_(0, 1), masks.clamp_(0, 1), r.pattern, r.routing, r.perceived_by,
-                                time.perf_counter() - t0, r.light_mask, r.heavy_mask)
+                                time.perf_counter() - t0, r.light_mask, r.heavy_mask, r.handover)
         batch = self._normalise(x, opt, routing, pattern, mask, ranking)
         outs, masks = self._restore_batch(batch, opt, progress, preview)
         out = merge_channels(torch.cat(outs), batch.alpha, batch.channels)
         return DerainResult(out, torch.cat(masks), batch.pattern, batch.routing, batch.source,
-                            time.perf_counter() - t0, batch.light_mask, batch.heavy_mask)
+                            time.perf_counter() - t0, batch.light_mask, batch.heavy_mask, batch.handover)
 
     # -- derain, step by step -------------------------------------------------------------------
     def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
@@ -578,7 +585,9 @@ class Derainer:
         source, check = "given", opt.check
         automatic = opt.expert is None and (routing is None or ranking is not None)  # what verification may change
         if opt.expert is not None:  # a manual expert choice wins over any routing (and is not checked)
-            routing = route(torch.zeros(b, e), override=opt.expert)
+            if opt.expert == HANDOVER and e <= HEAVY:
+                raise ValueError(f"expert {HANDOVER!r} needs a model with a heavy-streaks expert; this one has {e} experts")
+            routing = route(torch.zeros(b, e), override=HEAVY if opt.expert == HANDOVER else opt.expert)
             check = False
         elif routing is None:
             if pattern is None:
@@ -603,7 +612,8 @@ class Derainer:
         cfg = self.model.config
         verify = cfg.verify_light_mask if (opt.verify and automatic and not check and cfg.verify_light_mask > 0
                                            and cfg.expert_scope == "network" and e > HEAVY) else 0.0
-        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify)
+        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify,
+                      handover=opt.expert == HANDOVER)
 
     def _guide_mask(self, mask, b, h, w) -> torch.Tensor:
         """A given rain mask [B,1,H,W] or [B,H,W] -> [B,1,H',W'] 0..1 at the padded image size."""
@@ -658,7 +668,7 @@ class Derainer:
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             done = {}  # flips already restored (by the check), reused below
             shared = None  # the heavy network's share of a handover both networks restore, when 0 < share < 1
-            net = None  # the handover network, where it takes the whole image (a model with one)
+            net = self._handover_route() if batch.handover else None  # what takes the whole image, when not routing
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
                 routing[i] = self._one_expert(chosen)[0]

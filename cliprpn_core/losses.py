@@ -286,7 +286,7 @@ PRESETS = {
     "psnr_mix": {"type": "fixed", "weights": {"psnr": 0.005, "ssim": 0.2, "edge": 0.05, "fft": 0.01}},
     "psnr_dwa": {"type": "dwa", "weights": {"psnr": 0.005, "ssim": 0.2, "edge": 0.05, "fft": 0.01},
                  "temperature": 2.0, "period": 50},
-    # equal_mix with the PSNR loss as its pixel term (session 7: the two best findings of the ablation together),
+    # equal_mix with the PSNR loss as its pixel term (the two best findings of the loss ablation together),
     # and its dynamic counterpart under uncertainty weighting
     "psnr_equal": {"type": "fixed", "weights": {"psnr": 0.005, "ssim": 1.0, "edge": 1.0, "fft": 1.0}},
     "psnr_uncertainty": {"type": "uncertainty", "weights": {"psnr": 0.005, "ssim": 1.0, "edge": 1.0, "fft": 1.0}},

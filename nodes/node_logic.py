@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..cliprpn_core import patterns as P
+from ..cliprpn_core.arch import HANDOVER
 from ..cliprpn_core import plotting
 from ..cliprpn_core.finetune import loss_curve, rgb_only
 from ..cliprpn_core.losses import PRESETS
@@ -74,18 +75,21 @@ class RainPattern:
 @dataclass
 class RainRouting:
     """RAIN_ROUTING: per-image expert weights [B, E] (CPU); ``ranking`` [B, E]: the router's logits (None
-    for a manual override), which the Derain node's expert check compares its two best experts by."""
+    for a manual override), which the Derain node's expert check compares its two best experts by. ``handover``:
+    the override "handover", every image to the network the light verification hands over to (the weights say
+    heavy streaks)."""
     weights: torch.Tensor
     experts: tuple[str, ...]
     note: str = ""
     ranking: torch.Tensor | None = None
+    handover: bool = False
 
     def summary(self) -> str:
         lines = []
         for i, row in enumerate(self.weights):
             used = [f"{self.experts[e] if e < len(self.experts) else e}={float(w):.2f}"
                     for e, w in enumerate(row) if float(w) > 0]
-            lines.append(f"image {i + 1}: " + ", ".join(used))
+            lines.append(f"image {i + 1}: " + (f"{HANDOVER} network" if self.handover else ", ".join(used)))
         return "\n".join(lines)
 
 
@@ -120,12 +124,16 @@ class ModelHandle:
 
 
 def expert_choices() -> list[str]:
-    return [EXPERT_AUTO] + list(P.EXPERTS)
+    return [EXPERT_AUTO] + list(P.EXPERTS) + [HANDOVER]
 
 
 def expert_index(choice: str | None, num_experts: int) -> int | None:
+    """The Expert Router's override -> an expert's index, None for auto; "handover" -> the heavy-streaks index (its
+    network, or the model's handover network, restores; see RainRouting.handover)."""
     if choice in (None, "", EXPERT_AUTO):
         return None
+    if choice == HANDOVER:
+        choice = "heavy_streaks"
     if choice not in P.EXPERTS:
         raise ValueError(f"unknown expert {choice!r}; choose one of {', '.join(expert_choices())}")
     i = P.EXPERTS.index(choice)

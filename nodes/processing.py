@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cliprpn_core import node_names as N
-from ..cliprpn_core.arch import route_pattern
+from ..cliprpn_core.arch import HANDOVER, route_pattern
 from ..cliprpn_core.config import MAX_PASSES
 from ..cliprpn_core.inference import (
     DEFAULT_OVERLAP,
@@ -95,7 +95,7 @@ def route(handle: node_logic.ModelHandle, pattern: node_logic.RainPattern, top_k
         w, logits = w.cpu(), logits.cpu()
         ranking = None if idx is not None else logits  # what the Derain node's expert check ranks by
     note = f"override {expert}" if idx is not None else f"top-{top_k}, temperature {temperature:g}"
-    return node_logic.RainRouting(w, handle.experts, note, ranking)
+    return node_logic.RainRouting(w, handle.experts, note, ranking, handover=expert == HANDOVER)
 
 
 def estimate_mask(handle, image, tile=0, overlap=DEFAULT_OVERLAP, work_side=WORK_SIDE) -> torch.Tensor:
@@ -136,6 +136,8 @@ def derain(handle, image, routing=None, mask=None, options: DerainOptions | None
         if not isinstance(routing, node_logic.RainRouting):
             raise TypeError("routing must come from an Expert Router node")
         weights, ranking = routing.weights, routing.ranking
+        if routing.handover:  # the override "handover": a manual choice, as the core's options carry it
+            opt = replace(opt, expert=HANDOVER)
     m = node_logic.mask_to_b1hw(mask)
 
     def run(t):
@@ -206,7 +208,9 @@ class ExpertRouter(io.ComfyNode):
                                tooltip="Force one expert for every image instead of the router's choice. With auto, "
                                        "the Derain node hands an image routed to light_streaks to heavy_streaks "
                                        "where the light network finds too little of the rain it knows (downpours, "
-                                       "rain haze); a forced expert is always kept."),
+                                       "rain haze); a forced expert is always kept. handover: the network those "
+                                       "images go to (it lifts the grey haze of photographed downpours), for a photo "
+                                       "the light network keeps."),
             ],
             outputs=[
                 RainRouting.Output("routing", tooltip="Per-image expert weights for Cross-Attention Derain."),

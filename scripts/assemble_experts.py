@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cliprpn_core.arch import (HANDOVER, network_experts_from, replace_network_experts,  # noqa: E402
                                shared_network_of, with_handover_network)
 from cliprpn_core.checkpoint import file_sha256, load_model, save_model  # noqa: E402
+import torch  # noqa: E402
 from cliprpn_core.patterns import EXPERTS  # noqa: E402
 
 
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
                          "(to train it further); takes no --expert, --head-view or --verify-*-mask")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
+    # Growing a network's companions adds identity blocks whose other weights are drawn at random (they are
+    # skipped at inference until trained); a fixed seed makes the same command write the same tensors.
+    torch.manual_seed(0)
     base = load_model(a.base)
     if a.extract is not None:
         if (a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None

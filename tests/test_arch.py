@@ -641,6 +641,19 @@ def test_handover_network_is_a_network_of_its_own_kept_through_assembly(tmp_path
     for (k, v), (k2, v2) in zip(sorted(load_model(tmp_path / "s2.safetensors").state_dict().items()),
                                 sorted(two.state_dict().items())):
         assert k == k2 and torch.equal(v, v2), k
+    # a deeper network grows the others (and the handover network) with identity blocks: the same command writes
+    # the same tensors and metadata (safetensors orders the metadata as it likes, so not always the same bytes)
+    save_model(deeper, tmp_path / "deeper.safetensors")
+    for name in ("g1", "g2"):
+        out = run("s.safetensors", "--expert", f"heavy_streaks={tmp_path / 'deeper.safetensors'}",
+                  "-o", str(tmp_path / f"{name}.safetensors"))
+        assert out.returncode == 0, out.stderr
+    from safetensors import safe_open
+    with safe_open(tmp_path / "g1.safetensors", "pt") as f1, safe_open(tmp_path / "g2.safetensors", "pt") as f2:
+        assert f1.metadata() == f2.metadata() and sorted(f1.keys()) == sorted(f2.keys())
+        for k in f1.keys():
+            assert torch.equal(f1.get_tensor(k), f2.get_tensor(k)), k
+    assert load_model(tmp_path / "g1.safetensors").config.middle_blocks == deeper.config.middle_blocks
     save_model(shared_network_of(m, 0), tmp_path / "shared.safetensors")
     bad = run("shared.safetensors", "--handover", "heavy_streaks", "-o", str(tmp_path / "x.safetensors"))
     assert bad.returncode == 2 and "whole networks" in bad.stderr and not (tmp_path / "x.safetensors").exists()

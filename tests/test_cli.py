@@ -125,6 +125,19 @@ def test_derain_report_says_how_the_heavy_network_confirmed_a_handover(images, t
                  str(tmp_path / "h.safetensors"), "--device", "cpu", "-q", "--report", str(tmp_path / "h.json")]) == 0
     entry = json.loads((tmp_path / "h.json").read_text())["images"][0]
     assert entry["verified"].startswith("handed to the handover network") and entry["heavy_mask"] == hm
+    # --expert handover forces it by name: the same pixels as that handover, not verified, the report says which
+    # network restored the image (in a model without one, the heavy-streaks network)
+    for ck, name in ((tmp_path / "h.safetensors", "fh"), (tmp_path / "handed.safetensors", "fm")):
+        assert main(["derain", str(images / "img0.png"), "-o", str(tmp_path / name), "--checkpoint", str(ck),
+                     "--device", "cpu", "-q", "--expert", "handover", "--report", str(tmp_path / f"{name}.json")]) == 0
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())["images"][0]
+        assert got[name]["routing"] == {"heavy_streaks": 1.0} and "verified" not in got[name]
+    assert got["fh"]["restored_by"] == "the handover network"
+    assert got["fm"]["restored_by"].startswith("the heavy-streaks network (this model has no handover network)")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "fh" / "img0.png")), np.asarray(Image.open(tmp_path / "h" / "img0.png")))
+    assert "restored_by" not in entry
+    with pytest.raises(SystemExit):
+        main(["derain", str(images / "img0.png"), "-o", str(tmp_path / "x"), "--expert", "handover_net"])
 
 
 def test_corrupt_file_reported_rest_processed(images, tiny_ckpt, tmp_path, capsys):

@@ -25,7 +25,7 @@ def test_shipped_model_removes_most_rain_on_rain100l_images(tmp_path):
     inp = evaluate_folders(tmp_path / "rain", tmp_path / "gt", progress=False)["mean"]
     out = evaluate_folders(tmp_path / "out", tmp_path / "gt", progress=False, rain_dir=tmp_path / "rain")
     assert inp["psnr"] == pytest.approx(29.17, abs=0.01)  # the five inputs
-    # the session-4 model: 34.98 dB (+5.8) and rain_left 0.30 on these five images (session 3: 35.20, 0.30)
+    # an early model scored 34.98 dB (+5.8) and rain_left 0.30 on these five images
     assert out["mean"]["psnr"] > inp["psnr"] + 5.0
     assert out["mean"]["rain_left"] < 0.45
     assert np.isfinite([r["psnr"] for r in out["images"]]).all()

@@ -486,6 +486,18 @@ def test_a_handover_network_takes_the_handovers_and_the_heavy_network_the_rest(v
     # an image perception routes to the heavy network is that network's
     routed = h.derain(x, routing=torch.eye(4)[1:2].expand(2, -1), ranking=torch.eye(4)[1:2])
     assert torch.allclose(routed.images, new_heavy.images, atol=1e-6)
+    # forced by name: every image to the handover network (never verified, whatever the routing given), the routing
+    # row saying heavy streaks; in a model without one, the heavy-streaks network
+    from cliprpn_core.arch import HANDOVER
+    forced = h.derain(x, DerainOptions(expert=HANDOVER), routing=LIGHT_ROW.expand(2, -1), ranking=LIGHT_ROW)
+    assert forced.handover and forced.routing.argmax(1).tolist() == [1, 1] and torch.isnan(forced.light_mask).all()
+    assert torch.allclose(forced.images, heavy.images, atol=1e-6)
+    forced_se = h.derain(x, DerainOptions(expert=HANDOVER, self_ensemble=True, tile=32, overlap=8))
+    assert torch.allclose(forced_se.images, heavy_se.images, atol=1e-6)
+    assert torch.equal(d.derain(x, DerainOptions(expert=HANDOVER)).images, heavy.images)
+    assert not new_heavy.handover
+    with pytest.raises(ValueError, match="expert must be an expert's index or 'handover'"):
+        h.derain(x, DerainOptions(expert="heavy"))
     assert replace(h.model.config, handover_network=False).same_weights(h.model.config) is False
 
 

@@ -111,7 +111,7 @@ def test_bad_options():
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
-    # every recorded recipe still loads with today's options (a renamed option would fail here, not mid-session)
+    # every recorded recipe still loads with today's options (a renamed option would fail here, not mid-run)
     c = TrainConfig.from_toml(str(path), [])
     assert c.steps > 0 or c.budget_minutes > 0
 

@@ -73,6 +73,10 @@ def test_routing_summary_and_expert_choice(node_logic):
         node_logic.expert_index("veil", 2)
     with pytest.raises(ValueError, match="unknown expert"):
         node_logic.expert_index("sunshine", 4)
+    # "handover": the heavy-streaks slot, restored by the model's handover network (RainRouting.handover)
+    assert node_logic.expert_choices()[-1] == "handover" and node_logic.expert_index("handover", 4) == 1
+    h = node_logic.RainRouting(torch.tensor([[0.0, 1.0, 0.0, 0.0]]), ("light_streaks", "heavy_streaks"), handover=True)
+    assert h.summary() == "image 1: handover network"
 
 
 def test_model_handle_holds_model_and_perceiver(node_logic, tiny):

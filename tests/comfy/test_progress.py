@@ -132,6 +132,36 @@ def test_derain_nodes_verify_light_routing_unless_turned_off(nodes_env, pack_cor
         assert torch.allclose(on, heavy, atol=1e-5) and torch.allclose(off, light, atol=1e-5), node.__name__
 
 
+def test_expert_router_override_handover_reaches_the_handover_network(nodes_env, pack_core):
+    """The Expert Router's override "handover" sends every image to the network the light verification hands over
+    to (the model's handover network), through Cross-Attention Derain; its routing says heavy streaks."""
+    from dataclasses import replace
+    import importlib
+    arch = importlib.import_module(pack_core.CLIPRPN.__module__)
+    torch.manual_seed(4)
+    m = pack_core.CLIPRPN(replace(pack_core.tiny_config(), expert_scope="network")).eval()
+    m = arch.with_handover_network(m).eval()
+    with torch.no_grad():  # the handover network no longer a copy of the heavy one
+        for q in m.handover.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    handle = nodes_env.node_logic.ModelHandle(m, None, torch.float32, name="tiny-handover")
+    p = nodes_env.processing
+    image = torch.rand(1, 40, 48, 3)
+    d = pack_core.Derainer(m, device="cpu", dtype="fp32")
+    x = image.movedim(-1, 1)
+    want = d.derain(x, pack_core.DerainOptions(expert=arch.HANDOVER)).images.movedim(1, -1)
+    heavy = d.derain(x, pack_core.DerainOptions(expert=1)).images.movedim(1, -1)
+    assert (want - heavy).abs().max() > 1e-3
+    pattern = p.CLIPRainPerceiver.execute(handle, image)[0]
+    routing, summary = p.ExpertRouter.execute(handle, pattern, expert_override="handover")[:2]
+    assert routing.handover and routing.weights.argmax(1).tolist() == [1] and summary == "image 1: handover network"
+    got = p.CrossAttentionDerain.execute(handle, image, routing=routing)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    plain = p.ExpertRouter.execute(handle, pattern, expert_override="heavy_streaks")[0]
+    assert not plain.handover
+    assert torch.allclose(p.CrossAttentionDerain.execute(handle, image, routing=plain)[0], heavy, atol=1e-5)
+
+
 def test_mask_estimator_reports_every_tile_with_a_preview(nodes_env, handle):
     st = nodes_env.state
     nodes_env.processing.MaskEstimator.execute(handle, torch.rand(1, 70, 90, 3), tile=32, overlap=8)
