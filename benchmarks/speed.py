@@ -9,7 +9,8 @@ CPU tiling; median and fastest of 5 after a warm-up), the same at full size (``w
 cost per pixel, what every figure before the working size measured), at full size untiled, and at full size with the
 expert check where it runs (both streak experts compared); peak RSS of a separate process deraining an 8-MP image
 with the default options and at full size (automatic tiling); parameters and FLOPs per pixel of the model and of
-each expert; with --per-expert, each expert's full-size figure (every image routed to it).
+each expert (and of the handover network, in a model with one); with --per-expert, each expert's full-size figure
+(every image routed to it; the handover network's forced, as `--expert handover` forces it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from cliprpn_core import Derainer, DerainOptions, load_model
+from cliprpn_core.arch import HANDOVER
 from cliprpn_core.patterns import EXPERTS
 
 from .common import DEFAULT_CHECKPOINT, ROOT
@@ -86,6 +88,42 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return int(out.stdout.strip().splitlines()[-1]) / 1024 ** 2, time.perf_counter() - t  # KiB -> GiB
 
 
+def per_network_times(d: Derainer, x: torch.Tensor, repeats: int) -> dict:
+    """Each expert's network forced at full size on ``x``, and the handover network (forced, as ``--expert handover``
+    forces it) in a model with one -> {name: [median, fastest] seconds per megapixel}, after a warm-up each."""
+    mp = x.shape[-2] * x.shape[-1] / 1e6
+    names = list(enumerate(EXPERTS[:d.model.config.num_experts]))
+    if d.model.config.handover_network:
+        names.append((HANDOVER, HANDOVER))
+    per = {}
+    for e, name in names:
+        forced = replace(FULL, expert=e)
+        d.derain(x, forced)
+        med, best = timed(lambda forced=forced: d.derain(x, forced), repeats)
+        per[name] = [round(med / mp, 3), round(best / mp, 3)]
+    return per
+
+
+def per_network_flops(model, xs: torch.Tensor) -> tuple[list[int], int | None]:
+    """FLOPs per pixel of each expert on ``xs`` (a whole network, or its bottleneck part in a shared-network model),
+    and of the handover network (None without one). Identity blocks are skipped, as at inference."""
+    px = xs.shape[-2] * xs.shape[-1]
+    per = []
+    with torch.no_grad():
+        if model.config.expert_scope == "network":  # each expert is a whole network
+            for e in model.experts:
+                per.append(round(flops_of(lambda e=e: e._restore_once(xs, torch.ones(1, 1))) / px))
+        else:
+            feats = model.encode(xs)
+            b = feats[-1]
+            for e in model.experts:
+                per.append(round(flops_of(lambda e=e: e(b, model.ups[-1], feats[-2])) / px))
+        handover = None
+        if model.config.handover_network:
+            handover = round(flops_of(lambda: model.handover._restore_once(xs, torch.ones(1, 1))) / px)
+    return per, handover
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -125,13 +163,7 @@ def main():
     res["seconds_per_megapixel_1MP_expert_check_best"] = round(best / mp, 3)
 
     if a.per_expert:
-        per = {}
-        for e, name in enumerate(EXPERTS):
-            forced = replace(FULL, expert=e)
-            d.derain(x, forced)
-            med, best = timed(lambda forced=forced: d.derain(x, forced), a.repeats)
-            per[name] = [round(med / mp, 3), round(best / mp, 3)]
-        res["seconds_per_megapixel_1MP_full_size_per_expert_median_best"] = per
+        res["seconds_per_megapixel_1MP_full_size_per_expert_median_best"] = per_network_times(d, x, a.repeats)
 
     n = sum(p.numel() for p in model.parameters())
     res["parameters"] = n
@@ -146,16 +178,10 @@ def main():
         # what the head is shown of a 1-MP image: one 256-px copy, or (config.head_view) up to 16 crops
         res["flops_per_pixel_pattern_head_at_1MP"] = round(
             flops_of(lambda: model.perceive(torch.rand(1, 3, 1024, 1024))) / 1024 / 1024)
-        per = []
-        if cfg.expert_scope == "network":  # each expert is a whole network
-            for e in model.experts:
-                per.append(round(flops_of(lambda e=e: e._restore_once(xs, torch.ones(1, 1))) / s / s))
-        else:
-            feats = model.encode(xs)
-            b = feats[-1]
-            for e in model.experts:
-                per.append(round(flops_of(lambda e=e: e(b, model.ups[-1], feats[-2])) / s / s))
-        res["flops_per_pixel_per_expert"] = per
+        res["flops_per_pixel_per_expert"], handover = per_network_flops(model, xs)
+        if handover is not None:
+            res["flops_per_pixel_handover"] = handover
+            res["parameters_handover"] = sum(p.numel() for p in model.handover.parameters())
     if not a.skip_memory:
         gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264)
         res["auto_tile_8MP"] = d.auto_tile(None, 2448, 3264)

@@ -342,3 +342,22 @@ def test_speed_default_path_perceives_then_restores_with_the_light_network(tiny_
     r = speed.default_path(d, torch.rand(1, 3, 40, 48), speed.FULL)
     assert seen == [(1, 3, 40, 48)] and r.images.shape == (1, 3, 40, 48)
     assert r.routing.tolist() == [[float(e == "light_streaks") for e in EXPERTS]]
+
+
+
+def test_speed_times_and_counts_the_handover_network(tiny_network_model):
+    """--per-expert times the handover network (forced, as `--expert handover` forces it) beside the four experts, and
+    its FLOPs are counted, in a model that has one; a model without one lists the four experts only."""
+    from benchmarks import speed
+    from cliprpn_core import Derainer
+    from cliprpn_core.arch import with_handover_network
+    x = torch.rand(1, 3, 40, 48)
+    d = Derainer(with_handover_network(tiny_network_model), device="cpu", dtype="fp32")
+    per = speed.per_network_times(d, x, 1)
+    assert list(per) == ["light_streaks", "heavy_streaks", "raindrops", "veil", "handover"]
+    assert all(v[0] > 0 for v in per.values())
+    assert list(speed.per_network_times(Derainer(tiny_network_model, device="cpu", dtype="fp32"), x, 1)) == \
+        ["light_streaks", "heavy_streaks", "raindrops", "veil"]
+    experts, handover = speed.per_network_flops(d.model, torch.rand(1, 3, 32, 32))
+    assert len(experts) == 4 and handover == experts[1] > 0  # a copy of the heavy network
+    assert speed.per_network_flops(tiny_network_model, torch.rand(1, 3, 32, 32))[1] is None
