@@ -401,7 +401,6 @@ class _Batch:
     verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
     light_mask: torch.Tensor | None = None  # [B] the light network's mean mask where verified, else NaN
     heavy_mask: torch.Tensor | None = None  # [B] the heavy network's mean mask where a handover was confirmed, else NaN
-    handover: bool = False  # every image forced to the handover network (DerainOptions.expert == HANDOVER)
 
 
 class _Steps:
@@ -573,7 +572,7 @@ class Derainer:
         outs, masks = self._restore_batch(batch, opt, progress, preview)
         out = merge_channels(torch.cat(outs), batch.alpha, batch.channels)
         return DerainResult(out, torch.cat(masks), batch.pattern, batch.routing, batch.source,
-                            time.perf_counter() - t0, batch.light_mask, batch.heavy_mask, batch.handover)
+                            time.perf_counter() - t0, batch.light_mask, batch.heavy_mask, opt.expert == HANDOVER)
 
     # -- derain, step by step -------------------------------------------------------------------
     def _normalise(self, images, opt: DerainOptions, routing, pattern, mask, ranking) -> _Batch:
@@ -612,8 +611,7 @@ class Derainer:
         cfg = self.model.config
         verify = cfg.verify_light_mask if (opt.verify and automatic and not check and cfg.verify_light_mask > 0
                                            and cfg.expert_scope == "network" and e > HEAVY) else 0.0
-        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify,
-                      handover=opt.expert == HANDOVER)
+        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify)
 
     def _guide_mask(self, mask, b, h, w) -> torch.Tensor:
         """A given rain mask [B,1,H,W] or [B,H,W] -> [B,1,H',W'] 0..1 at the padded image size."""
@@ -668,7 +666,7 @@ class Derainer:
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             done = {}  # flips already restored (by the check), reused below
             shared = None  # the heavy network's share of a handover both networks restore, when 0 < share < 1
-            net = self._handover_route() if batch.handover else None  # what takes the whole image, when not routing
+            net = self._handover_route() if opt.expert == HANDOVER else None  # what takes the whole image, when not routing
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
                 routing[i] = self._one_expert(chosen)[0]
