@@ -39,7 +39,8 @@ class Block(nn.Module):
     A block whose residual scales ``beta`` and ``gamma`` are all zero computes the identity (the blocks that
     :func:`grow_from` adds, and a network assembled beside a deeper one carries them). Without gradients
     (inference) such a block is skipped, which is exact for finite inputs: one network may then be deeper than the
-    others of the same model at no cost to them. With gradients it always runs, so that its zero scales can learn.
+    others of the same model at no cost to them. With gradients it runs, so that its zero scales can learn, unless
+    both scales are frozen (``requires_grad`` off: a block a run keeps removed); then it is skipped there too.
 
     Without gradients the scales are also folded into the 1x1 convolutions before them (``pw2``, ``ffn2``: the
     same map up to float rounding), which saves two full-size multiplications per block, and each residual sum is
@@ -91,6 +92,8 @@ class Block(nn.Module):
     def forward(self, x):
         if torch.is_grad_enabled():  # training: the scales may then change where no version counter sees it
             self._inference_key = self._inference = None  # (a fused optimiser's step): decide afresh next time
+            if not (self.beta.requires_grad or self.gamma.requires_grad or self.beta.any() or self.gamma.any()):
+                return x  # frozen at zero: the identity, and nothing of it can learn
             y = self.dw(self.pw1(self.norm1(x)))
             a, b = y.chunk(2, 1)
             x = x + self.pw2(a * b) * self.beta

@@ -516,6 +516,37 @@ def test_identity_blocks_are_skipped_without_gradients_and_run_with_them(tiny_mo
         h.remove()
 
 
+def test_frozen_identity_blocks_are_skipped_while_training(tiny_model):
+    """A block kept removed by a run (zero scales, frozen) is skipped in training too: same output and gradients as
+    without it; a frozen block with non-zero scales, or an identity block whose scales can learn, still runs."""
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core.arch import Block, grow_from
+    deeper = CLIPRPN(dc_replace(tiny_model.config, middle_blocks=tiny_model.config.middle_blocks + 2))
+    added = grow_from(deeper, tiny_model)
+    new = [m for n, m in deeper.named_modules() if isinstance(m, Block) and f"{n}.beta" in added]
+    for p in new[0].parameters():
+        p.requires_grad_(False)
+    calls = []
+    hooks = [b.dw.register_forward_hook(lambda *a, b=b: calls.append(b)) for b in new]
+    x, r = torch.rand(1, 3, 32, 32), torch.eye(4)[:1]
+    deeper.train(), tiny_model.train()
+    out = deeper(x, routing=r).image
+    out.square().mean().backward()
+    ref = tiny_model(x, routing=r).image
+    ref.square().mean().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert calls == [new[1]]  # the frozen one skipped, the learning one run
+    torch.testing.assert_close(deeper.intro.weight.grad, tiny_model.intro.weight.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        new[0].beta.add_(0.1)  # frozen, but no longer the identity: it runs
+    calls.clear()
+    deeper(x, routing=r)
+    assert calls == [new[0], new[1]]
+    for h in hooks:
+        h.remove()
+
+
 def test_identity_blocks_of_a_model_made_in_inference_mode(tmp_path, tiny_model):
     """ComfyUI runs nodes in torch.inference_mode, so a model loaded there has weights without version counters."""
     from dataclasses import replace as dc_replace

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Stage 50's evaluation by its rule (experiments/stage50_light_half_second.toml), nothing else running: the stage's
+# light network assembled as the light-streaks network of the shipped file, each part against the shipped file.
+# Usage: experiments/run_stage50_eval.sh [rule|curve|full]...   (default: rule curve)
+#   rule   Rain100L + heavy_test routed (the rule's first two parts: the others are worth running only if they pass),
+#          the rain-free pairs, both synthetic sets, the real photos (which outputs change, which photos the light
+#          verification hands over, by each model) with a contact sheet of the changed ones, the light path's speed
+#          and every network's FLOPs per pixel
+#   curve  the light network alone on Rain100L at its 1,000 / 2,000 / 3,000-step snapshots (--expert light_streaks;
+#          STEPS overrides the steps)
+#   full   every figure the model card gives (--experts --check --self-ensemble)
+# Another light-network stage: R=runs/stage51_light O=runs/stage51_cmp STEPS="1000 2000" experiments/run_stage50_eval.sh
+set -euo pipefail
+R=${R:-runs/stage50_light}; O=${O:-runs/stage50_cmp}; S=models/clip_rpn_default.safetensors; M=$O/routed_final.safetensors
+mkdir -p $O
+[ -e $M ] || python scripts/assemble_experts.py --base $S --expert light_streaks=$R/model.safetensors -o $M
+for part in ${*:-rule curve}; do
+  case $part in
+    rule)
+      python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads 2 | tee $O/routed_final.txt
+      python -m benchmarks.evaluate $M --data runs --sets cleanpairs --threads 2 | tee $O/clean_final.txt
+      for style in classic downpour; do
+        python -m benchmarks.synthetic_regimes $S $M --set runs/synth_$style --threads 2 \
+          | tee $O/synthetic_${style}_final.txt
+      done
+      python experiments/compare_real_outputs.py $S $M --threads 2 | tee $O/real_compare.txt
+      changed=$(sed -n 's/^identical [0-9]*, different [0-9]*: //p' $O/real_compare.txt)
+      if [ -n "$changed" ]; then
+        python scripts/make_contact_sheet.py $S $M --labels "previous model" "new model" --names $changed \
+          --out $O/changed_final.jpg --threads 2 | tee $O/changed_final.txt
+      fi
+      python experiments/speed_alternating.py $S $M --rounds 3 | tee $O/speed_light.txt
+      for f in $S $M; do  # FLOPs per pixel of each network (light first), as benchmarks.speed counts them
+        python -c "import sys, torch; from benchmarks.speed import per_network_flops; from cliprpn_core.checkpoint \
+import load_model; print(sys.argv[1], per_network_flops(load_model(sys.argv[1]), torch.rand(1, 3, 256, 256)))" $f
+      done | tee $O/flops.txt ;;
+    curve)
+      for step in ${STEPS:-1000 2000 3000}; do
+        C=$O/routed_$step.safetensors
+        [ -e $C ] || python scripts/assemble_experts.py --base $S --expert light_streaks=$R/model_step$step.safetensors -o $C
+        python -m benchmarks.evaluate $C --sets rain100l --expert light_streaks --threads 2 | tee $O/light_$step.txt
+      done ;;
+    full)
+      python -m benchmarks.evaluate $M --sets rain100l heavy_test --experts --check --self-ensemble --threads 2 \
+        --json $O/full.json | tee $O/full.txt ;;
+    *) echo "unknown part $part (rule curve full)" >&2; exit 2 ;;
+  esac
+done
