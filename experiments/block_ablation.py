@@ -61,19 +61,17 @@ def main(argv=None) -> int:
               and any(n == p or n.startswith(p + ".") for p in prefixes)]
     rows = []
     for name, m in blocks:
-        if not (m.beta.any() or m.gamma.any()):
+        if m.is_identity():
             print(f"{name}: already the identity", flush=True)
             continue
         kept = m.beta.detach().clone(), m.gamma.detach().clone()
         with torch.no_grad():
             m.beta.zero_()
             m.gamma.zero_()
-        m._inference = None
         s = score()
         with torch.no_grad():
             m.beta.copy_(kept[0])
             m.gamma.copy_(kept[1])
-        m._inference = None
         rows.append((base - s, name))
         print(f"{name}: {s:.3f} dB without it ({base - s:+.3f} lost)", flush=True)
     print("least missed first:")

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cliprpn_core.arch import Block  # noqa: E402
-from cliprpn_core.checkpoint import load_model, read_metadata, save_model  # noqa: E402
+from cliprpn_core.checkpoint import load_model, save_model  # noqa: E402
 
 
 def trainable_without(model, prefixes, removed) -> list[str]:
@@ -56,10 +56,9 @@ def main(argv=None) -> int:
         for name in a.blocks:
             blocks[name].beta.zero_()
             blocks[name].gamma.zero_()
-    meta = read_metadata(a.net)
     extra = {"removed_blocks": " ".join(a.blocks), "removed_from": str(a.net)}
     save_model(model, a.out, extra_meta=extra)
-    print(f"wrote {a.out}: {len(a.blocks)} blocks made the identity ({meta.get('format', 'model')})")
+    print(f"wrote {a.out}: {len(a.blocks)} blocks made the identity")
     print("trainable = " + str(trainable_without(model, a.trainable, a.blocks)).replace("'", '"'))
     return 0
 
