@@ -10,7 +10,8 @@ cost per pixel, what every figure before the working size measured), at full siz
 expert check where it runs (both streak experts compared); peak RSS of a separate process deraining an 8-MP image
 with the default options and at full size (automatic tiling); parameters and FLOPs per pixel of the model and of
 each expert (and of the handover network, in a model with one); with --per-expert, each expert's full-size figure
-(every image routed to it; the handover network's forced, as `--expert handover` forces it).
+(every image routed to it; the handover network's forced, as `--expert handover` forces it); with --flops-only,
+only the parameters and FLOPs (no timing: quick, and the same on any machine).
 """
 from __future__ import annotations
 
@@ -124,6 +125,30 @@ def per_network_flops(model, xs: torch.Tensor) -> tuple[list[int], int | None]:
     return per, handover
 
 
+def size_and_flops(model) -> dict:
+    """Parameters and FLOPs per pixel of the model, of its pattern head, of each expert and of the handover network
+    (where the model has one), counted on a 256-px image (the pattern head on what it is shown of a 1-MP image)."""
+    res = {}
+    n = sum(p.numel() for p in model.parameters())
+    res["parameters"] = n
+    res["parameters_pattern_head"] = sum(p.numel() for p in model.pattern_head.parameters())
+    res["parameters_per_expert"] = [sum(p.numel() for p in e.parameters()) for e in model.experts]
+    s = 256
+    xs = torch.rand(1, 3, s, s)
+    one = torch.zeros(1, model.config.num_experts)
+    one[0, 0] = 1
+    with torch.no_grad():
+        res["flops_per_pixel_restore_top1"] = round(flops_of(lambda: model.restore(xs, one)) / s / s)
+        # what the head is shown of a 1-MP image: one 256-px copy, or (config.head_view) up to 16 crops
+        res["flops_per_pixel_pattern_head_at_1MP"] = round(
+            flops_of(lambda: model.perceive(torch.rand(1, 3, 1024, 1024))) / 1024 / 1024)
+        res["flops_per_pixel_per_expert"], handover = per_network_flops(model, xs)
+        if handover is not None:
+            res["flops_per_pixel_handover"] = handover
+            res["parameters_handover"] = sum(p.numel() for p in model.handover.parameters())
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -133,12 +158,17 @@ def main():
     ap.add_argument("--cuda", action="store_true", help="also time fp32/fp16/bf16 on the GPU")
     ap.add_argument("--per-expert", action="store_true",
                     help="also time each expert at full size, every image routed to it (the networks may differ in depth)")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="print only the parameters and FLOPs per pixel (no timing, no memory): quick, and the same on "
+                         "any machine")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.checkpoint)
-    cfg = model.config
-    d = Derainer(model)
     res = {"checkpoint": a.checkpoint, "threads": a.threads, "torch": torch.__version__}
+    if a.flops_only:
+        print(json.dumps({**res, **size_and_flops(model)}, indent=2))
+        return
+    d = Derainer(model)
 
     x = torch.rand(1, 3, 1024, 1024)
     res["timed_expert"] = TIMED_EXPERT
@@ -165,23 +195,7 @@ def main():
     if a.per_expert:
         res["seconds_per_megapixel_1MP_full_size_per_expert_median_best"] = per_network_times(d, x, a.repeats)
 
-    n = sum(p.numel() for p in model.parameters())
-    res["parameters"] = n
-    res["parameters_pattern_head"] = sum(p.numel() for p in model.pattern_head.parameters())
-    res["parameters_per_expert"] = [sum(p.numel() for p in e.parameters()) for e in model.experts]
-    s = 256
-    xs = torch.rand(1, 3, s, s)
-    one = torch.zeros(1, cfg.num_experts)
-    one[0, 0] = 1
-    with torch.no_grad():
-        res["flops_per_pixel_restore_top1"] = round(flops_of(lambda: model.restore(xs, one)) / s / s)
-        # what the head is shown of a 1-MP image: one 256-px copy, or (config.head_view) up to 16 crops
-        res["flops_per_pixel_pattern_head_at_1MP"] = round(
-            flops_of(lambda: model.perceive(torch.rand(1, 3, 1024, 1024))) / 1024 / 1024)
-        res["flops_per_pixel_per_expert"], handover = per_network_flops(model, xs)
-        if handover is not None:
-            res["flops_per_pixel_handover"] = handover
-            res["parameters_handover"] = sum(p.numel() for p in model.handover.parameters())
+    res.update(size_and_flops(model))
     if not a.skip_memory:
         gib, secs = peak_rss_child(a.checkpoint, a.threads, 2448, 3264)
         res["auto_tile_8MP"] = d.auto_tile(None, 2448, 3264)

@@ -30,9 +30,8 @@ for part in ${*:-rule curve}; do
           --out $O/changed_final.jpg --threads 2 | tee $O/changed_final.txt
       fi
       python experiments/speed_alternating.py $S $M --rounds 3 | tee $O/speed_light.txt
-      for f in $S $M; do  # FLOPs per pixel of each network (light first), as benchmarks.speed counts them
-        python -c "import sys, torch; from benchmarks.speed import per_network_flops; from cliprpn_core.checkpoint \
-import load_model; print(sys.argv[1], per_network_flops(load_model(sys.argv[1]), torch.rand(1, 3, 256, 256)))" $f
+      for f in $S $M; do  # parameters and FLOPs per pixel of each network (light first)
+        python -m benchmarks.speed --checkpoint $f --flops-only
       done | tee $O/flops.txt ;;
     curve)
       for step in ${STEPS:-1000 2000 3000}; do

@@ -361,3 +361,16 @@ def test_speed_times_and_counts_the_handover_network(tiny_network_model):
     experts, handover = speed.per_network_flops(d.model, torch.rand(1, 3, 32, 32))
     assert len(experts) == 4 and handover == experts[1] > 0  # a copy of the heavy network
     assert speed.per_network_flops(tiny_network_model, torch.rand(1, 3, 32, 32))[1] is None
+
+
+def test_speed_flops_only_prints_sizes_and_flops_without_timing(tiny_ckpt, monkeypatch, capsys):
+    """--flops-only prints the parameters and FLOPs per pixel (the same on any machine) and times nothing."""
+    from benchmarks import speed
+    monkeypatch.setattr(speed, "timed", lambda *a, **k: pytest.fail("--flops-only timed something"))
+    monkeypatch.setattr(speed.sys, "argv", ["speed", "--checkpoint", str(tiny_ckpt), "--flops-only", "--threads", "1"])
+    speed.main()
+    res = json.loads(capsys.readouterr().out)
+    assert res["checkpoint"] == str(tiny_ckpt)
+    assert len(res["flops_per_pixel_per_expert"]) == len(res["parameters_per_expert"]) == 4
+    assert all(f > 0 for f in res["flops_per_pixel_per_expert"]) and res["flops_per_pixel_restore_top1"] > 0
+    assert not any(k.startswith("seconds") or k.startswith("peak") for k in res)
