@@ -128,9 +128,7 @@ def per_network_flops(model, xs: torch.Tensor) -> tuple[list[int], int | None]:
 def size_and_flops(model) -> dict:
     """Parameters and FLOPs per pixel of the model, of its pattern head, of each expert and of the handover network
     (where the model has one), counted on a 256-px image (the pattern head on what it is shown of a 1-MP image)."""
-    res = {}
-    n = sum(p.numel() for p in model.parameters())
-    res["parameters"] = n
+    res = {"parameters": sum(p.numel() for p in model.parameters())}
     res["parameters_pattern_head"] = sum(p.numel() for p in model.pattern_head.parameters())
     res["parameters_per_expert"] = [sum(p.numel() for p in e.parameters()) for e in model.experts]
     s = 256

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 50's evaluation by its rule (experiments/stage50_light_half_second.toml), nothing else running: the stage's
+# A network stage's evaluation by its rule (written for stage 50, experiments/stage50_light_half_second.toml): the stage's
 # network assembled as the light-streaks (or E) network of the shipped file, each part against the shipped file.
 # Usage: experiments/run_stage50_eval.sh [rule|quality|speed|curve|full]...   (default: rule curve)
 #   rule   quality, then speed
