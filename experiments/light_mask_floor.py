@@ -11,7 +11,7 @@ three decimals, and for reference only (never fitted on) the same over the real 
 The RainTrainL figure reproduces stage 41's (0.0486 for the shipped network); the crops do not reproduce its draw
 (their minimum is 0.0466 for the shipped network, not 0.0304), so compare files with one another, not with 0.03.
 
-  python experiments/light_mask_floor.py FILE [FILE ...] [--threads 2] [--crops 160] [--seed 7]
+  python experiments/light_mask_floor.py FILE [FILE ...] [--threads 2] [--crops 160] [--seed 7] [--real-only]
 
 FILE is a full model file (a network-scope model, e.g. the shipped one or a light network assembled onto it).
 """
@@ -63,13 +63,23 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, default=160)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--real-only", action="store_true",
+                    help="only each real photo's mean light mask, one line per photo and one column per file (how "
+                         "near the verification's threshold each photo sits)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = Path(a.data)
+    real_files = images_under(data / "real_rain")
+    if a.real_only:
+        cols = [light_mask_means(Derainer(load_model(f)), [read_image(p) for p in real_files]) for f in a.files]
+        print("photo " + " ".join(a.files))
+        for i, p in enumerate(real_files):
+            print(p.name + " " + " ".join(f"{c[i]:.4f}" for c in cols))
+        return 0
     train = [read_image(f) for f in images_under(data / "rain100l_train" / "rain")]
     src = SyntheticSource([data / "clean", data / "rain100l_train" / "gt"], regime_probs=(1.0, 0.0, 0.0, 0.0))
     crops = src.batch(a.crops, 256, torch.Generator().manual_seed(a.seed), "cpu").rainy
-    real = [read_image(f) for f in images_under(data / "real_rain")]
+    real = [read_image(f) for f in real_files]
     clean = [read_image(f) for f in images_under(data / "clean")][:60]
     for f in a.files:
         d = Derainer(load_model(f))
