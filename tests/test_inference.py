@@ -322,6 +322,23 @@ def _set_verify(d, value):
     _set_config(d, verify_light_mask=value)
 
 
+def test_light_mask_floor_measures_what_the_verification_decides_on(verifying):
+    """experiments/light_mask_floor.py, which shows where a light network's masks sit against the threshold, computes
+    the very value the verification compares (DerainResult.light_mask), image by image."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "experiments" / "light_mask_floor.py"
+    spec = importlib.util.spec_from_file_location("light_mask_floor", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    d, x, _, means = verifying
+    _set_verify(d, 0.999)  # every image verified (and handed over): its light mask is recorded
+    r = d.derain(x, routing=LIGHT_ROW.expand(2, -1), ranking=torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
+    got = tool.light_mask_means(d, x)
+    assert got == pytest.approx(r.light_mask.tolist(), abs=1e-6) and got == pytest.approx(means, abs=1e-6)
+    assert tool.floor3(0.0486) == 0.048 and tool.floor3(0.03) == 0.03
+
+
 def test_verify_hands_an_image_with_too_little_light_rain_to_the_heavy_network(verifying):
     d, x, light, means = verifying
     heavy = d.derain(x, DerainOptions(expert=1))
