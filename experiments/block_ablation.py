@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cliprpn_core.arch import EXPERTS, Block  # noqa: E402
 from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.imageio import images_under, read_image, to_uint8  # noqa: E402
+from cliprpn_core.data import pair_files  # noqa: E402
+from cliprpn_core.imageio import read_image, to_uint8  # noqa: E402
 from cliprpn_core.inference import Derainer, DerainOptions  # noqa: E402
 from cliprpn_core.metrics import psnr_y  # noqa: E402
 
@@ -42,12 +43,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.net} is not a shared-network file (expert_scope 'bottleneck'): extract the network first "
                          "(scripts/assemble_experts.py --extract)")
     prefixes = a.modules or ["middle", f"experts.{e}.body"]
-    rain = images_under(Path(a.pairs) / "rain")[::a.every]
-    gt_dir = Path(a.pairs) / "gt"
-    if not rain:
-        raise SystemExit(f"no pairs under {a.pairs}")
-    xs = [read_image(f)[None] for f in rain]
-    gts = [to_uint8(read_image(next(gt_dir.glob(f.stem + ".*")))) for f in rain]
+    try:
+        pairs = pair_files(a.pairs)[::a.every]
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    xs = [read_image(r)[None] for r, _ in pairs]
+    gts = [to_uint8(read_image(g)) for _, g in pairs]
     d = Derainer(model)
     opts = DerainOptions(expert=e, verify=False, work_side=0)
 

@@ -43,7 +43,7 @@ def light_mask_means(d: Derainer, images) -> list[float]:
     out = []
     with torch.no_grad():
         for x in images:
-            out.append(float(d.derain(x[None] if x.dim() == 3 else x, opts).masks.mean()))
+            out.append(float(d.derain(x[None], opts).masks.mean()))
     return out
 
 
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     data = Path(a.data)
     real_files = images_under(data / "real_rain")
+    real = [read_image(f) for f in real_files]
     if a.real_only:
-        cols = [light_mask_means(Derainer(load_model(f)), [read_image(p) for p in real_files]) for f in a.files]
+        cols = [light_mask_means(Derainer(load_model(f)), real) for f in a.files]
         print("photo " + " ".join(a.files))
         for i, p in enumerate(real_files):
             print(p.name + " " + " ".join(f"{c[i]:.4f}" for c in cols))
@@ -79,7 +80,6 @@ def main(argv=None) -> int:
     train = [read_image(f) for f in images_under(data / "rain100l_train" / "rain")]
     src = SyntheticSource([data / "clean", data / "rain100l_train" / "gt"], regime_probs=(1.0, 0.0, 0.0, 0.0))
     crops = src.batch(a.crops, 256, torch.Generator().manual_seed(a.seed), "cpu").rainy
-    real = [read_image(f) for f in real_files]
     clean = [read_image(f) for f in images_under(data / "clean")][:60]
     for f in a.files:
         d = Derainer(load_model(f))
