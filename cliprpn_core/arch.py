@@ -644,7 +644,7 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
         # perception (and how it views an image) stays the model's
         big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view,
                               verify_light_mask=cfg.verify_light_mask, verify_heavy_mask=cfg.verify_heavy_mask,
-                              handover_network=cfg.handover_network))
+                              verify_light_ramp=cfg.verify_light_ramp, handover_network=cfg.handover_network))
         try:
             grow_from(big, model)
         except ValueError as err:
@@ -696,7 +696,7 @@ def shared_network_of(model: CLIPRPN, expert: int | str) -> CLIPRPN:
             else:
                 state[rest] = v.clone()
     out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0),
-                          handover_network=False))
+                          verify_light_ramp=0.0, handover_network=False))
     out.load_state_dict(state)
     return out
 

@@ -108,7 +108,7 @@ def _derain_settings(args, ck) -> dict:
 
 def cmd_derain(args):
     from .imageio import ImageReadError, read_image_info, save_image
-    from .inference import resolve_device
+    from .inference import light_handover_share, resolve_device
     from .patterns import EXPERTS, describe
     from .runfiles import ResumeLog, check_output_dir, clean_partials, collect_inputs, plan_outputs
     import torch
@@ -189,7 +189,10 @@ def cmd_derain(args):
                 lm = float(r.light_mask[0])
                 entry["light_mask"] = round(lm, 4)
                 wl, wh = float(w[EXPERTS.index("light_streaks")]), float(w[EXPERTS.index("heavy_streaks")])
-                handed = f"its light mask {lm:.4f} is below the model's verify_light_mask"
+                cfg = d.model.config
+                handed = (f"its light mask {lm:.4f} is below the model's verify_light_mask" if lm < cfg.verify_light_mask
+                          else f"its light mask {lm:.4f} is on the model's verify_light_ramp (a handover share of "
+                               f"{light_handover_share(lm, cfg.verify_light_mask, cfg.verify_light_ramp):.2f})")
                 # the network that takes a handover: the model's handover network where it has one
                 own = d.model.config.handover_network
                 to = "the handover network" if own else "the heavy-streaks network"
@@ -204,8 +207,9 @@ def cmd_derain(args):
                                          f"heavy rain" if wl == 0 else
                                          f"shared: {handed}; {confirmed} gives {to} {wh:.2f} of it")
                 else:
-                    entry["verified"] = ("kept by the light-streaks network" if wl > 0 else
-                                         f"handed to {to}: {handed}")
+                    entry["verified"] = ("kept by the light-streaks network" if wh == 0 else
+                                         f"handed to {to}: {handed}" if wl == 0 else
+                                         f"shared: {handed}; {to} takes {wh:.2f} of it")
             report.append(entry)
             bar.update(1)
         bar.close()

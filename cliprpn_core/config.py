@@ -66,6 +66,13 @@ class CLIPRPNConfig:
     # network's light touch. Both restorations are run by the verification anyway. (0, 0) = off (older files): handed
     # over wholly. Inference only, turned off with the verification.
     verify_heavy_mask: tuple[float, float] = (0.0, 0.0)
+    # the light verification made a ramp (network scope, with verify_light_mask, above it): an image routed to the
+    # light network alone whose light mask is below this is verified, its handover share falling linearly from 1 at
+    # verify_light_mask to 0 here (times the heavy network's confirmation, verify_heavy_mask), so that a light mask
+    # near the threshold, which a retrained light network moves by a few thousandths, moves the restoration a little
+    # instead of switching it between networks. An image at or above it is kept, at no extra cost. 0 = off (a step at
+    # verify_light_mask: handed over below it, kept at or above). Inference only, turned off with the verification.
+    verify_light_ramp: float = 0.0
     # a network of its own for the light verification's handovers (network scope, with verify_light_mask): the photos
     # the light network hands over (photographed downpours, rain haze) are restored by this network instead of the
     # heavy-streaks network, so that the network perception routes heavy rain to can be trained on heavy rain alone
@@ -94,6 +101,10 @@ class CLIPRPNConfig:
             raise ValueError(f"head_view must be 0 (whole image) or a crop side in pixels, got {self.head_view}")
         if not 0.0 <= self.verify_light_mask < 1.0:
             raise ValueError(f"verify_light_mask must be in [0, 1) (0: off), got {self.verify_light_mask}")
+        if self.verify_light_ramp and not (self.verify_light_mask > 0 and
+                                           self.verify_light_mask < self.verify_light_ramp < 1.0):
+            raise ValueError(f"verify_light_ramp must be 0 (off) or between verify_light_mask "
+                             f"({self.verify_light_mask}) and 1, got {self.verify_light_ramp}")
         vh = tuple(float(v) for v in self.verify_heavy_mask)
         object.__setattr__(self, "verify_heavy_mask", vh)  # a list (JSON, a script) becomes the tuple it means
         if len(vh) != 2 or not 0.0 <= vh[0] <= vh[1] < 1.0:
@@ -105,9 +116,9 @@ class CLIPRPNConfig:
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
         """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view``,
-        ``verify_light_mask`` and ``verify_heavy_mask``)."""
+        ``verify_light_mask``, ``verify_heavy_mask`` and ``verify_light_ramp``)."""
         return replace(self, passes=other.passes, head_view=other.head_view, verify_light_mask=other.verify_light_mask,
-                       verify_heavy_mask=other.verify_heavy_mask) == other
+                       verify_heavy_mask=other.verify_heavy_mask, verify_light_ramp=other.verify_light_ramp) == other
 
     @property
     def scale_factor(self) -> int:

@@ -172,7 +172,8 @@ def pair_routing(net: torch.nn.Module, rainy: torch.Tensor, probs: torch.Tensor 
     routing = r.routing.float().cpu().clone()
     handover = torch.zeros(routing.shape[0])
     if cfg.handover_network and r.light_mask is not None:
-        handed = torch.isfinite(r.light_mask) & (r.light_mask < cfg.verify_light_mask)
+        # a light-routed pair the verification gave (all or part of) away: its routing row's heavy-streaks weight
+        handed = torch.isfinite(r.light_mask) & (routing[:, HEAVY] > 0)
         handover = torch.where(handed, routing[:, HEAVY], handover)
         routing[handed, HEAVY] = 0.0
     return routing, handover

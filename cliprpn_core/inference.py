@@ -280,6 +280,17 @@ def handover_weight(heavy_mask: float, lo: float, hi: float) -> float:
     return (heavy_mask - lo) / (hi - lo)
 
 
+def light_handover_share(light_mask: float, threshold: float, ramp: float) -> float:
+    """The handover's share by the light network's own mean rain mask (``config.verify_light_mask`` = ``threshold``,
+    ``config.verify_light_ramp`` = ``ramp``): 1 below the threshold; with a ramp, falling linearly from 1 at the
+    threshold to 0 at the ramp's end; 0 at or above it (at or above the threshold without a ramp)."""
+    if light_mask < threshold:
+        return 1.0
+    if ramp <= threshold or light_mask >= ramp:
+        return 0.0
+    return (ramp - light_mask) / (ramp - threshold)
+
+
 def _mix(light, heavy, w: float) -> tuple:
     """(image, mask) of a shared handover: (1 - w) x the light network's + w x the heavy network's."""
     return tuple((1 - w) * a + w * b for a, b in zip(light, heavy))
@@ -673,13 +684,17 @@ class Derainer:
             elif batch.verify and bool((routing[i] == self._one_expert(LIGHT)[0]).all()):
                 first = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
                 batch.light_mask[i] = float(first[1].mean())
-                if batch.light_mask[i] < batch.verify:  # too little of the rain the light network knows
+                lm, ramp = float(batch.light_mask[i]), self.model.config.verify_light_ramp
+                if lm < max(batch.verify, ramp):  # too little of the rain the light network knows
                     steps.total += n_tiles  # the light network's restoration was one run more
                     lo, hi = self.model.config.verify_heavy_mask
-                    if hi > 0:  # the handover confirmed by the heavy network's own mask
+                    share = light_handover_share(lm, batch.verify, ramp)
+                    if hi > 0 or share < 1:  # the handover confirmed by the heavy network's own mask, or ramped
                         heavy = restore_flip(inp, self._handover_route(), ())
-                        batch.heavy_mask[i] = hm = float(heavy[1].mean())
-                        wh = handover_weight(hm, lo, hi)
+                        hm = float(heavy[1].mean())
+                        if hi > 0:
+                            batch.heavy_mask[i] = hm
+                        wh = (handover_weight(hm, lo, hi) if hi > 0 else 1.0) * share
                         routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
                         if 0 < wh < 1:  # both networks restore the other flips: count the light network's runs
                             steps.total += n_tiles * (len(flips) - 1)

@@ -63,13 +63,18 @@ def main(argv=None) -> int:
                          "restored by the light network where the heavy network's mean rain mask is at most LO, by the "
                          "heavy network where it is at least HI, by both, weighted, between; 0 0 = off: handed over "
                          "wholly); default: the base's. Weights are unchanged")
+    ap.add_argument("--verify-light-ramp", type=float, default=None, metavar="B",
+                    help="set the output's config.verify_light_ramp (above verify_light_mask: the handover's share "
+                         "falls linearly from 1 at verify_light_mask to 0 at B, so a light mask near the threshold "
+                         "moves the restoration a little instead of switching networks; 0 = off); default: the base's. "
+                         "Weights are unchanged")
     ap.add_argument("--handover", metavar="heavy_streaks|CKPT",
                     help="give the output a handover network (the network the light verification's handovers go to): "
                          "heavy_streaks = a copy of the base's heavy-streaks network before any --expert, CKPT = that "
                          "checkpoint's heavy-streaks network; default: the base's (none, or its own)")
     ap.add_argument("--extract", metavar="NAME",
                     help="write expert NAME's network of a whole-network-expert --base as a shared-network model "
-                         "(to train it further); takes no --expert, --head-view or --verify-*-mask")
+                         "(to train it further); takes no --expert, --head-view or --verify-* option")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args(argv)
     # Growing a network's companions adds identity blocks whose other weights are drawn at random (they are
@@ -78,8 +83,8 @@ def main(argv=None) -> int:
     base = load_model(a.base)
     if a.extract is not None:
         if (a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None
-                or a.handover is not None):
-            ap.error("--extract takes no --expert, --handover, --head-view, --verify-light-mask or --verify-heavy-mask")
+                or a.verify_light_ramp is not None or a.handover is not None):
+            ap.error("--extract takes no --expert, --handover, --head-view or --verify-* option")
         e = HANDOVER if a.extract == HANDOVER else _expert_index(a.extract, base.config.num_experts)
         if e == -1:
             ap.error(f"unknown expert {a.extract!r}: one of {', '.join(EXPERTS)}, {HANDOVER} or "
@@ -113,13 +118,14 @@ def main(argv=None) -> int:
         model = replace_network_experts(base, {e: loaded[p] for e, p in enumerate(paths) if p != a.base})
     else:
         model = network_experts_from([loaded[p] for p in paths], perception=base)
-    for key, value in (("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask),
-                       ("verify_heavy_mask", None if a.verify_heavy_mask is None else tuple(a.verify_heavy_mask))):
-        if value is not None:
-            try:
-                model.config = replace(model.config, **{key: value})
-            except ValueError as e:
-                ap.error(str(e))
+    given = {key: value for key, value in (
+        ("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask),
+        ("verify_heavy_mask", None if a.verify_heavy_mask is None else tuple(a.verify_heavy_mask)),
+        ("verify_light_ramp", a.verify_light_ramp)) if value is not None}
+    try:  # all at once: the ramp is checked against the threshold it is given with
+        model.config = replace(model.config, **given)
+    except ValueError as e:
+        ap.error(str(e))
     kept = " (its own network)" if base.config.expert_scope == "network" else ""
     sources = {EXPERTS[e]: f"{p} sha256:{digest[p]}" + (kept if p == a.base else "") for e, p in enumerate(paths)}
     handover_from = None

@@ -116,6 +116,16 @@ def test_derain_report_says_how_the_heavy_network_confirmed_a_handover(images, t
     assert 0 < hm < 0.99 and got["shared"]["verified"].startswith("shared")
     assert got["shared"]["routing"]["heavy_streaks"] == pytest.approx(hm / 0.99, abs=2e-4)
     assert got["kept"]["heavy_mask"] == got["handed"]["heavy_mask"] == hm  # the same figure decides each time
+    # a light mask on the verification's ramp: the report says so, with the handover's share from it
+    lm = got["kept"]["light_mask"]
+    m.config = replace(m.config, verify_light_mask=lm - 1e-3, verify_light_ramp=lm + 3e-3, verify_heavy_mask=(0.0, 0.0))
+    save_model(m, tmp_path / "ramp.safetensors")
+    assert main(["derain", str(images / "img0.png"), "-o", str(tmp_path / "ramp"), "--checkpoint",
+                 str(tmp_path / "ramp.safetensors"), "--device", "cpu", "-q", "--report", str(tmp_path / "ramp.json")]) == 0
+    ramp = json.loads((tmp_path / "ramp.json").read_text())["images"][0]
+    assert ramp["routing"]["heavy_streaks"] == pytest.approx(0.75, abs=0.02)  # the report rounds the light mask
+    assert ramp["verified"].startswith("shared: its light mask") and "verify_light_ramp" in ramp["verified"]
+    m.config = replace(m.config, verify_light_mask=0.99, verify_light_ramp=0.0)
     # a model with a handover network names it as the network that took the image
     from cliprpn_core.arch import with_handover_network
     h = with_handover_network(m)

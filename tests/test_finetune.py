@@ -197,3 +197,10 @@ def test_finetune_trains_the_network_the_derainer_would_use(tiny_network_model):
     routing, handover = pair_routing(h, rainy, None, "cpu")
     assert ((handover > 0) & (handover < 1)).all() and torch.allclose(routing[:, 0] + handover, torch.ones(2))
     assert trained(h) == {"0", "handover"}
+    # a light mask on the verification's ramp (verify_light_ramp) shares a pair as well: both networks train on it
+    from cliprpn_core.inference import Derainer, DerainOptions
+    d = Derainer(h, device="cpu", dtype="fp32")
+    lm = float(d.derain(rainy[:1], DerainOptions(expert=0)).masks.mean())
+    h.config = replace(h.config, verify_light_mask=lm - 1e-3, verify_light_ramp=lm + 1e-3, verify_heavy_mask=(0.0, 0.0))
+    routing, handover = pair_routing(h, rainy[:1], None, "cpu")
+    assert 0 < float(handover[0]) < 1 and float(routing[0, 0] + handover[0]) == pytest.approx(1.0, abs=1e-6)

@@ -536,6 +536,68 @@ def test_verify_heavy_mask_is_stored_checked_and_not_part_of_the_weights(tmp_pat
     assert shared_network_of(m, 0).config.verify_heavy_mask == (0.0, 0.0)
 
 
+def test_light_handover_share_is_a_step_or_a_ramp_above_the_threshold():
+    from cliprpn_core.inference import light_handover_share as share
+    assert share(0.0299, 0.03, 0.0) == 1.0 and share(0.03, 0.03, 0.0) == 0.0  # no ramp: the step of older files
+    assert share(0.0299, 0.03, 0.04) == 1.0 and share(0.03, 0.03, 0.04) == 1.0  # continuous at the threshold
+    assert share(0.0375, 0.03, 0.04) == pytest.approx(0.25) and share(0.04, 0.03, 0.04) == 0.0
+    assert share(0.2, 0.03, 0.04) == 0.0
+
+
+def test_verify_light_ramp_shares_an_image_near_the_threshold(verifying):
+    """With verify_light_ramp an image routed to the light network whose light mask lies between verify_light_mask
+    and the ramp's end is shared: the handover's share falls linearly with the light mask (times the heavy network's
+    confirmation where verify_heavy_mask is set), so a small move of the light mask moves the restoration a little;
+    at or above the ramp's end the image is kept as without it."""
+    d, x, light, means = verifying
+    heavy = d.derain(x, DerainOptions(expert=1))
+    hm = [float(heavy.masks[i].mean()) for i in range(2)]
+    row = dict(routing=LIGHT_ROW.expand(2, -1), ranking=LIGHT_ROW)
+    i = 0
+    a = means[i] - 0.25 * 1e-2  # image i's light mask sits a quarter of the way up a ramp of 0.01: share 0.75
+    _set_config(d, verify_light_mask=a, verify_light_ramp=a + 1e-2, verify_heavy_mask=(0.0, 0.0))
+    r = d.derain(x[i:i + 1], routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert torch.allclose(r.routing[0, :2], torch.tensor([0.25, 0.75]), atol=1e-4) and r.routing[0, 2:].eq(0).all()
+    assert torch.allclose(r.images[0], 0.25 * light.images[i] + 0.75 * heavy.images[i], atol=1e-5)
+    assert torch.isnan(r.heavy_mask).all()  # no confirmation set: no heavy-mask figure
+    # the share moves with the light mask: a threshold a little higher gives a little more to the handover
+    _set_config(d, verify_light_mask=a + 1e-3, verify_light_ramp=a + 1e-2 + 1e-3)
+    r2 = d.derain(x[i:i + 1], routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert float(r2.routing[0, 1]) == pytest.approx(0.85, abs=1e-4)
+    # times the heavy network's confirmation: half of it here
+    _set_config(d, verify_light_mask=a, verify_light_ramp=a + 1e-2, verify_heavy_mask=(hm[i] - 1e-2, hm[i] + 1e-2))
+    r = d.derain(x[i:i + 1], routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert float(r.routing[0, 1]) == pytest.approx(0.75 * 0.5, abs=1e-4)
+    assert float(r.heavy_mask[0]) == pytest.approx(hm[i], abs=1e-6)
+    # at or above the ramp's end: kept, as without the ramp (and not verified further)
+    _set_config(d, verify_light_mask=min(means) - 2e-3, verify_light_ramp=min(means) - 1e-3)
+    r = d.derain(x, **row)
+    assert r.routing.argmax(1).tolist() == [0, 0] and torch.allclose(r.images, light.images, atol=1e-6)
+    assert torch.isnan(r.heavy_mask).all()
+    # turned off with the verification
+    _set_config(d, verify_light_mask=a, verify_light_ramp=a + 1e-2)
+    off = d.derain(x[i:i + 1], DerainOptions(verify=False), routing=LIGHT_ROW, ranking=LIGHT_ROW)
+    assert off.routing.argmax(1).tolist() == [0] and torch.allclose(off.images[0], light.images[i], atol=1e-6)
+
+
+def test_verify_light_ramp_is_stored_checked_and_not_part_of_the_weights(tmp_path, tiny_network_model):
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPNConfig, load_model, save_model
+    from cliprpn_core.arch import shared_network_of
+    for bad in (dict(verify_light_ramp=0.04), dict(verify_light_mask=0.03, verify_light_ramp=0.03),
+                dict(verify_light_mask=0.03, verify_light_ramp=0.02), dict(verify_light_mask=0.03, verify_light_ramp=1.0)):
+        with pytest.raises(ValueError, match="verify_light_ramp"):
+            CLIPRPNConfig(**bad)
+    m = tiny_network_model
+    cfg = replace(m.config, verify_light_mask=0.03, verify_light_ramp=0.04)
+    assert cfg.same_weights(m.config) and m.config.same_weights(cfg)
+    m.config = cfg
+    save_model(m, tmp_path / "v.safetensors")
+    assert load_model(tmp_path / "v.safetensors").config.verify_light_ramp == 0.04
+    assert shared_network_of(m, 0).config.verify_light_ramp == 0.0
+
+
 # -- options and the dtype policy -------------------------------------------------------------------------------
 
 def test_derain_options_carry_every_setting(derainer):
