@@ -554,7 +554,10 @@ class Derainer:
         network's own mean mask from its restoration pass: the image is restored as (1 - w) x the light network's
         restoration + w x the heavy network's, w = 0 at or below lo, 1 at or above hi, linear between (the routing
         row carries w; ``heavy_mask`` in the result): a rain-free photo, in which neither network finds its rain,
-        keeps the light network's light touch. A model with a handover network (``config.handover_network``) has
+        keeps the light network's light touch. With ``config.verify_light_ramp`` above the threshold, an image whose
+        light mask lies between the two is shared as well: the handover's share falls linearly from 1 at the threshold
+        to 0 at the ramp's end (times the heavy network's confirmation), so a light mask near the threshold moves the
+        restoration a little instead of switching networks. A model with a handover network (``config.handover_network``) has
         its handovers restored by that network in place of the heavy-streaks network (the routing row still says
         heavy streaks; ``heavy_mask`` is the handover network's). An image kept costs nothing more, one handed over is restored twice
         (under the self-ensemble, an image shared between the two by 0 < w < 1 has every flip restored by both).
