@@ -16,7 +16,8 @@
 #   E=heavy_streaks CURVE_SET=heavy_test R=runs/stage52_heavy O=runs/stage52_cmp experiments/run_stage50_eval.sh
 set -euo pipefail
 R=${R:-runs/stage50_light}; O=${O:-runs/stage50_cmp}; E=${E:-light_streaks}
-S=models/clip_rpn_default.safetensors; M=$O/routed_final.safetensors
+# S: the file compared against (default: the shipped one); M: the file judged (default: R's network assembled onto S)
+S=${S:-models/clip_rpn_default.safetensors}; M=${M:-$O/routed_final.safetensors}
 mkdir -p $O
 [ -e $M ] || python scripts/assemble_experts.py --base $S --expert $E=$R/model.safetensors -o $M
 parts=${*:-rule curve}; parts=${parts//rule/quality speed}

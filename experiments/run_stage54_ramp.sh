@@ -47,14 +47,6 @@ case ${1:?ramp or stage51} in
           --expert light_streaks=experiments/checkpoints/stage51_light/model.safetensors -o $M ;;
   *) echo "unknown part $1 (ramp or stage51)" >&2; exit 2 ;;
 esac
-python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads 2 | tee $O/routed.txt
-python -m benchmarks.evaluate $M --data runs --sets cleanpairs --threads 2 | tee $O/clean.txt
-for style in classic downpour; do
-  python -m benchmarks.synthetic_regimes $B $M --set runs/synth_$style --threads 2 | tee $O/synthetic_$style.txt
-done
-python experiments/compare_real_outputs.py $B $M --threads 2 | tee $O/real_compare.txt
-changed=$(sed -n 's/^identical [0-9]*, different [0-9]*: //p' $O/real_compare.txt)
-if [ -n "$changed" ]; then
-  python scripts/make_contact_sheet.py $B $M --labels "previous model" "new model" --names $changed \
-    --out $O/changed.jpg --threads 2 | tee $O/changed.txt
-fi
+# the quality part of run_stage50_eval.sh, M against B (outputs in $O: routed_final.txt, clean_final.txt,
+# synthetic_*_final.txt, real_compare.txt, changed_final.jpg)
+S=$B M=$M O=$O exec experiments/run_stage50_eval.sh quality

@@ -355,6 +355,18 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
                           "light_streaks", "--verify-light-mask", "0.1", "-o", str(tmp_path / "x.safetensors")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--verify-light-mask" in bad.stderr
+    # the verification's ramp likewise, checked against the threshold it is given with
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net2.safetensors"),
+                          "--verify-light-mask", "0.03", "--verify-light-ramp", "0.04",
+                          "-o", str(tmp_path / "net4.safetensors")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fourth = load_model(tmp_path / "net4.safetensors")
+    assert (fourth.config.verify_light_mask, fourth.config.verify_light_ramp) == (0.03, 0.04)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fourth.state_dict().items())
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net3.safetensors"),
+                          "--verify-light-ramp", "0.02", "-o", str(tmp_path / "y.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "verify_light_ramp must be" in bad.stderr and not (tmp_path / "y.safetensors").exists()
     with pytest.raises(ValueError, match="not a shared-network model"):
         replace_network_experts(again, {1: again})
 
