@@ -194,7 +194,7 @@ def cmd_derain(args):
                           else f"its light mask {lm:.4f} is on the model's verify_light_ramp (a handover share of "
                                f"{light_handover_share(lm, cfg.verify_light_mask, cfg.verify_light_ramp):.2f})")
                 # the network that takes a handover: the model's handover network where it has one
-                own = d.model.config.handover_network
+                own = cfg.handover_network
                 to = "the handover network" if own else "the heavy-streaks network"
                 if r.heavy_mask is not None and not torch.isnan(r.heavy_mask[0]):  # the handover was confirmed
                     hm = float(r.heavy_mask[0])

@@ -686,8 +686,8 @@ class Derainer:
                 routing[i] = self._one_expert(chosen)[0]
             elif batch.verify and bool((routing[i] == self._one_expert(LIGHT)[0]).all()):
                 first = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
-                batch.light_mask[i] = float(first[1].mean())
-                lm, ramp = float(batch.light_mask[i]), self.model.config.verify_light_ramp
+                lm, ramp = float(first[1].mean()), self.model.config.verify_light_ramp
+                batch.light_mask[i] = lm
                 if lm < max(batch.verify, ramp):  # too little of the rain the light network knows
                     steps.total += n_tiles  # the light network's restoration was one run more
                     lo, hi = self.model.config.verify_heavy_mask

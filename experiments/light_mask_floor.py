@@ -47,6 +47,13 @@ def light_mask_means(d: Derainer, images) -> list[float]:
     return out
 
 
+def light_crops(data: Path, n: int, seed: int):
+    """The synthetic light-streak crops the threshold was fitted on: ``n`` 256-px crops, classic style, over the clean
+    photos and the RainTrainL ground truths (the light network's synthetic training draws) -> RainSample."""
+    src = SyntheticSource([data / "clean", data / "rain100l_train" / "gt"], regime_probs=(1.0, 0.0, 0.0, 0.0))
+    return src.batch(n, 256, torch.Generator().manual_seed(seed), "cpu")
+
+
 def floor3(v: float) -> float:
     return math.floor(v * 1000) / 1000
 
@@ -78,8 +85,7 @@ def main(argv=None) -> int:
             print(p.name + " " + " ".join(f"{c[i]:.4f}" for c in cols))
         return 0
     train = [read_image(f) for f in images_under(data / "rain100l_train" / "rain")]
-    src = SyntheticSource([data / "clean", data / "rain100l_train" / "gt"], regime_probs=(1.0, 0.0, 0.0, 0.0))
-    crops = src.batch(a.crops, 256, torch.Generator().manual_seed(a.seed), "cpu").rainy
+    crops = light_crops(data, a.crops, a.seed).rainy
     clean = [read_image(f) for f in images_under(data / "clean")][:60]
     for f in a.files:
         d = Derainer(load_model(f))

@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cliprpn_core.arch import EXPERTS, HANDOVER  # noqa: E402
 from cliprpn_core.checkpoint import load_model  # noqa: E402
-from cliprpn_core.data import SyntheticSource, pair_files  # noqa: E402
+from cliprpn_core.data import pair_files  # noqa: E402
 from cliprpn_core.imageio import images_under, read_image, to_uint8  # noqa: E402
 from cliprpn_core.inference import Derainer, DerainOptions  # noqa: E402
 from cliprpn_core.metrics import psnr_y  # noqa: E402
+from light_mask_floor import light_crops  # noqa: E402  (experiments/, this script's folder)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIGHT = EXPERTS.index("light_streaks")
@@ -44,8 +45,7 @@ def items(where: Path):
 def synthetic_items(n: int, seed: int = 7):
     """light_mask_floor.py's synthetic light-streak crops (256 px, classic style, over the clean photos and the
     RainTrainL ground truths: the light network's synthetic training draws), with their clean crops."""
-    src = SyntheticSource([DATA / "clean", DATA / "rain100l_train" / "gt"], regime_probs=(1.0, 0.0, 0.0, 0.0))
-    s = src.batch(n, 256, torch.Generator().manual_seed(seed), "cpu")
+    s = light_crops(DATA, n, seed)
     return [(f"crop{i:03d}", s.rainy[i], s.clean[i]) for i in range(n)]
 
 
