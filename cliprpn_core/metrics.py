@@ -40,6 +40,12 @@ def rain_left(pred: np.ndarray, rain: np.ndarray, gt: np.ndarray, threshold: flo
     return float("nan") if den == 0 else float((r[m] * p[m]).sum() / den)
 
 
+def _mean_finite(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def _gauss_window(size=11, sigma=1.5):
     r = np.arange(size) - (size - 1) / 2
     g = np.exp(-(r ** 2) / (2 * sigma ** 2))
@@ -124,5 +130,7 @@ def evaluate_folders(pred_dir, gt_dir, progress=True, rain_dir=None):
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no predictions in {pred_dir} match the names in {gt_dir}")
-    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k != "name"}
+    # rain_left is NaN on an image with no rain to measure (a rain-free pair); its mean is over the others, NaN
+    # (without NumPy's empty-slice warning) when there are none
+    mean = {k: _mean_finite([r[k] for r in rows]) for k in rows[0] if k != "name"}
     return {"mean": mean, "images": rows, "missing": missing}

@@ -62,3 +62,27 @@ def test_rain_left_measures_the_share_of_rain_kept():
     assert np.isnan(rain_left(gt, gt, gt))  # no rain to measure
     with pytest.raises(ValueError, match="differ in size"):
         rain_left(gt, rain[:10], gt)
+
+
+def test_evaluate_folders_rain_left_mean_skips_rain_free_pairs(tmp_path):
+    import warnings
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    gt = rng.integers(40, 180, (32, 32, 3)).astype(np.uint8)
+    rainy = gt.copy()
+    rainy[:, ::4] = 250
+    for d in ("pred", "gt", "rain"):
+        (tmp_path / d).mkdir()
+    for name, rain, pred in (("a.png", rainy, rainy), ("b.png", gt, gt)):  # b: a rain-free pair
+        Image.fromarray(gt).save(tmp_path / "gt" / name)
+        Image.fromarray(rain).save(tmp_path / "rain" / name)
+        Image.fromarray(pred).save(tmp_path / "pred" / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = evaluate_folders(tmp_path / "pred", tmp_path / "gt", progress=False, rain_dir=tmp_path / "rain")
+        assert r["mean"]["rain_left"] == pytest.approx(1.0)  # a's; b has no rain to measure
+        (tmp_path / "pred" / "a.png").unlink()
+        (tmp_path / "gt" / "a.png").unlink()
+        r = evaluate_folders(tmp_path / "pred", tmp_path / "gt", progress=False, rain_dir=tmp_path / "rain")
+    assert np.isnan(r["mean"]["rain_left"])
+    assert np.isnan(r["images"][0]["rain_left"])
