@@ -624,12 +624,38 @@ def _check_shared_source(source: CLIPRPN, cfg: CLIPRPNConfig, what: str) -> None
                          "assemble from checkpoints trained with the same widths, blocks and experts")
 
 
+_BLOCK_COUNTS = ("enc_blocks", "dec_blocks", "middle_blocks", "expert_blocks", "expert_dec_blocks")
+
+
+def _covering_block_counts(configs) -> dict:
+    """The block counts of the smallest config every one of ``configs`` can grow to: the largest count of each field
+    (per level for ``enc_blocks``/``dec_blocks``); empty when they have different numbers of levels."""
+    out = {}
+    for field in _BLOCK_COUNTS:
+        values = [getattr(c, field) for c in configs]
+        if isinstance(values[0], tuple):
+            if len({len(v) for v in values}) > 1:  # a different number of levels: not a growth
+                return {}
+            out[field] = tuple(max(level) for level in zip(*values))
+        else:
+            out[field] = max(values)
+    return out
+
+
+def _config_difference(a, b) -> str:
+    from dataclasses import fields
+    diff = [f"{f.name} {getattr(a, f.name)!r} against {getattr(b, f.name)!r}" for f in fields(a)
+            if getattr(a, f.name) != getattr(b, f.name) and f.name not in _BLOCK_COUNTS]
+    return "; ".join(diff) or "block counts"
+
+
 def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     """A copy of the network-scope ``model`` in which expert e's network is ``sources[e]``'s shared network with its
     expert e (each source a bottleneck-scope model, e.g. a longer-trained light specialist); the other experts'
-    networks and perception stay ``model``'s. Sources with more blocks than ``model`` (one grown config for all of
-    them, e.g. a light network given a deeper bottleneck) are taken too: ``model`` is grown to their block counts
-    first (:func:`grow_from`: its other networks get identity blocks and compute what they computed)."""
+    networks and perception stay ``model``'s. Sources and ``model`` may differ in block counts (a light network given
+    a deeper bottleneck, a base whose heavy network was grown): the result has, for each count, the largest of them,
+    and whatever is smaller is grown to it first (:func:`grow_from`: identity blocks, skipped at inference, so every
+    network computes what it computed)."""
     cfg = model.config
     if cfg.expert_scope != "network":
         raise ValueError("replace_network_experts needs a model whose experts are whole networks (expert_scope "
@@ -638,19 +664,32 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
     shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
-    grown = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
-             and not s.config.same_weights(shared)]
-    if grown:
-        # perception (and how it views an image) stays the model's
-        big = CLIPRPN(replace(grown[0], expert_scope="network", passes=cfg.passes, head_view=cfg.head_view,
-                              verify_light_mask=cfg.verify_light_mask, verify_heavy_mask=cfg.verify_heavy_mask,
-                              verify_light_ramp=cfg.verify_light_ramp, handover_network=cfg.handover_network))
+    differ = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
+              and not s.config.same_weights(shared)]
+    if differ:
+        counts = _covering_block_counts([cfg, *differ])
         try:
-            grow_from(big, model)
+            target = replace(shared, **counts) if counts else None
+            other = [c for c in differ if target is None or not replace(c, **counts).same_weights(target)]
+            if other:
+                raise ValueError(f"it differs in more than block counts ({_config_difference(other[0], shared)})")
+            if any(getattr(cfg, f) != v for f, v in counts.items()):
+                big = CLIPRPN(replace(cfg, **counts))  # perception, and how it views an image, stay the model's
+                grow_from(big, model)
+                model, cfg = big, big.config
+                shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
+            grown_sources = {}
+            for e, s in sources.items():
+                if s.config.expert_scope == "bottleneck" and not s.config.same_weights(shared):
+                    g = CLIPRPN(replace(s.config, **counts))
+                    grow_from(g, s)
+                    s = g
+                grown_sources[e] = s
         except ValueError as err:
-            raise ValueError(f"a source's config is neither the model's nor a grown version of it: {err}") from None
-        model, cfg = big, big.config
-        shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
+            raise ValueError(f"a source's config is neither the model's nor a grown or shrunk version of it: {err}. "
+                             "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
+                             "expert_dec_blocks) may differ") from None
+        sources = grown_sources
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for e, s in sources.items():
         _check_shared_source(s, shared, f"the source for expert {e}")

@@ -2,7 +2,8 @@
 expert e's network comes from the checkpoint given for it (its shared layers and its expert e), every other expert's
 from --base, perception (pattern head, router) from --base. --base may itself be a whole-network-expert model (the
 shipped one): then only the experts given are replaced, and a given network with more blocks (a grown config, e.g. a
-deeper bottleneck) grows the base's other networks with identity blocks to match.
+deeper bottleneck) grows the base's other networks with identity blocks to match; one with fewer (trained before the
+base's other networks were grown) is grown to the base's block counts the same way.
 
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors \
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors

@@ -393,8 +393,48 @@ def test_replace_network_experts_grows_the_base_for_a_deeper_source(tiny_model, 
             torch.testing.assert_close(m(x, routing=r).image, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(m.perceive(x), tiny_network_model.perceive(x))
     wider = CLIPRPN(dc_replace(tiny_model.config, widths=tuple(2 * w for w in tiny_model.config.widths)))
-    with pytest.raises(ValueError, match="neither the model's nor a grown version"):
+    with pytest.raises(ValueError, match="neither the model's nor a grown"):
         replace_network_experts(tiny_network_model, {0: wider})
+
+
+def test_replace_network_experts_grows_a_shallower_source_to_the_base(tiny_model, tiny_network_model):
+    """A base whose networks were grown (one network given more blocks, the others identity blocks) takes back a
+    network of the earlier, smaller shape: that source is grown to the base's block counts with identity blocks and
+    computes what it computed; the base keeps its shape and its other networks."""
+    from dataclasses import replace as dc_replace
+
+    from cliprpn_core import CLIPRPN
+    from cliprpn_core.arch import grow_from, replace_network_experts
+    c = tiny_model.config
+    deeper = CLIPRPN(dc_replace(c, dec_blocks=tuple(n + 1 for n in c.dec_blocks), expert_blocks=c.expert_blocks + 1))
+    grow_from(deeper, tiny_model)
+    with torch.no_grad():
+        for p in deeper.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base = replace_network_experts(tiny_network_model, {1: deeper}).eval()  # network 1 grown, the others identity
+    shallow = CLIPRPN(c)
+    shallow.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        for p in shallow.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # trained further at the old shape
+    shallow.eval()
+    m = replace_network_experts(base, {0: shallow}).eval()
+    assert m.config == base.config
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        for e in range(4):
+            r = torch.eye(4)[e:e + 1]
+            want = (shallow if e == 0 else base)(x, routing=r).image
+            torch.testing.assert_close(m(x, routing=r).image, want, atol=1e-5, rtol=0)
+    # a source that differs in block counts both ways: each count is the larger of the two
+    mixed = CLIPRPN(dc_replace(c, middle_blocks=c.middle_blocks + 1))
+    grow_from(mixed, tiny_model)
+    m2 = replace_network_experts(base, {0: mixed})
+    assert (m2.config.middle_blocks, m2.config.expert_blocks, m2.config.dec_blocks) == (
+        c.middle_blocks + 1, c.expert_blocks + 1, deeper.config.dec_blocks)
+    wider = CLIPRPN(dc_replace(c, widths=tuple(2 * w for w in c.widths)))
+    with pytest.raises(ValueError, match="differs in more than block counts.*widths"):
+        replace_network_experts(base, {0: wider})
 
 
 @pytest.mark.parametrize("scope", ["bottleneck", "network"])
