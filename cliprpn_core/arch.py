@@ -8,7 +8,7 @@ matches untiled inference once the tile overlap covers the receptive field.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -538,6 +538,10 @@ class CLIPRPN(Restorer):
         return CLIPRPNOutput(images[-1], ml, pyr, routing, pattern_logits, router_logits, images[:-1])
 
 
+# the config fields a model may grow (or a network be grown) in: grow_from's added blocks are the identity
+_BLOCK_COUNTS = ("enc_blocks", "dec_blocks", "middle_blocks", "expert_blocks", "expert_dec_blocks")
+
+
 def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     """Initialise ``model`` from a smaller trained ``src`` that differs only in block counts.
 
@@ -557,8 +561,8 @@ def grow_from(model: CLIPRPN, src: CLIPRPN, probe_size: int = 0) -> list[str]:
     if extra_src or wrong:
         raise ValueError("cannot grow: the new config is not a superset of the old one "
                          f"(tensors only in the old model: {extra_src[:3]}; different shapes: {wrong[:3]}). "
-                         "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
-                         "expert_dec_blocks) may grow, and expert_scope may go from bottleneck to network")
+                         f"Only block counts ({', '.join(_BLOCK_COUNTS)}) may grow, and expert_scope may go from "
+                         "bottleneck to network")
     new = sorted(set(own) - set(sd))
     blocks = {name for name, m in model.named_modules() if isinstance(m, Block)}
     for k in new:
@@ -624,29 +628,31 @@ def _check_shared_source(source: CLIPRPN, cfg: CLIPRPNConfig, what: str) -> None
                          "assemble from checkpoints trained with the same widths, blocks and experts")
 
 
-_BLOCK_COUNTS = ("enc_blocks", "dec_blocks", "middle_blocks", "expert_blocks", "expert_dec_blocks")
-
-
 def _covering_block_counts(configs) -> dict:
     """The block counts of the smallest config every one of ``configs`` can grow to: the largest count of each field
     (per level for ``enc_blocks``/``dec_blocks``); empty when they have different numbers of levels."""
     out = {}
-    for field in _BLOCK_COUNTS:
-        values = [getattr(c, field) for c in configs]
+    for name in _BLOCK_COUNTS:
+        values = [getattr(c, name) for c in configs]
         if isinstance(values[0], tuple):
             if len({len(v) for v in values}) > 1:  # a different number of levels: not a growth
                 return {}
-            out[field] = tuple(max(level) for level in zip(*values))
+            out[name] = tuple(max(level) for level in zip(*values))
         else:
-            out[field] = max(values)
+            out[name] = max(values)
     return out
 
 
 def _config_difference(a, b) -> str:
-    from dataclasses import fields
     diff = [f"{f.name} {getattr(a, f.name)!r} against {getattr(b, f.name)!r}" for f in fields(a)
             if getattr(a, f.name) != getattr(b, f.name) and f.name not in _BLOCK_COUNTS]
     return "; ".join(diff) or "block counts"
+
+
+def _grown_to(model: CLIPRPN, counts: dict) -> CLIPRPN:
+    grown = CLIPRPN(replace(model.config, **counts))
+    grow_from(grown, model)
+    return grown
 
 
 def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
@@ -668,28 +674,17 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
               and not s.config.same_weights(shared)]
     if differ:
         counts = _covering_block_counts([cfg, *differ])
-        try:
-            target = replace(shared, **counts) if counts else None
-            other = [c for c in differ if target is None or not replace(c, **counts).same_weights(target)]
-            if other:
-                raise ValueError(f"it differs in more than block counts ({_config_difference(other[0], shared)})")
-            if any(getattr(cfg, f) != v for f, v in counts.items()):
-                big = CLIPRPN(replace(cfg, **counts))  # perception, and how it views an image, stay the model's
-                grow_from(big, model)
-                model, cfg = big, big.config
-                shared = replace(cfg, expert_scope="bottleneck", handover_network=False)
-            grown_sources = {}
-            for e, s in sources.items():
-                if s.config.expert_scope == "bottleneck" and not s.config.same_weights(shared):
-                    g = CLIPRPN(replace(s.config, **counts))
-                    grow_from(g, s)
-                    s = g
-                grown_sources[e] = s
-        except ValueError as err:
-            raise ValueError(f"a source's config is neither the model's nor a grown or shrunk version of it: {err}. "
-                             "Only block counts (enc_blocks, dec_blocks, middle_blocks, expert_blocks, "
-                             "expert_dec_blocks) may differ") from None
-        sources = grown_sources
+        target = replace(shared, **counts) if counts else None
+        other = [c for c in differ if target is None or not replace(c, **counts).same_weights(target)]
+        if other:
+            raise ValueError("a source's config is neither the model's nor a grown or shrunk version of it: it differs "
+                             f"in more than block counts ({_config_difference(other[0], shared)}). Only block counts "
+                             f"({', '.join(_BLOCK_COUNTS)}) may differ")
+        if target != shared:
+            model = _grown_to(model, counts)  # perception, and how it views an image, stay the model's
+            cfg, shared = model.config, target
+        sources = {e: s if s.config.expert_scope != "bottleneck" or s.config.same_weights(shared)
+                   else _grown_to(s, counts) for e, s in sources.items()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for e, s in sources.items():
         _check_shared_source(s, shared, f"the source for expert {e}")
