@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAD_VIEW_GRID, HEAD_VIEW_SHORT, CLIPRPNConfig, check_passes
+from .config import HEAD_VIEW_GRID, HEAD_VIEW_SHORT, INFERENCE_FIELDS, CLIPRPNConfig, check_passes
 from .patterns import EXPERTS, NUM_CLASSES, PATTERN_DIM, prior_routing_matrix
 
 
@@ -645,7 +645,7 @@ def _covering_block_counts(configs) -> dict:
 
 def _config_difference(a, b) -> str:
     diff = [f"{f.name} {getattr(a, f.name)!r} against {getattr(b, f.name)!r}" for f in fields(a)
-            if getattr(a, f.name) != getattr(b, f.name) and f.name not in _BLOCK_COUNTS]
+            if getattr(a, f.name) != getattr(b, f.name) and f.name not in _BLOCK_COUNTS + INFERENCE_FIELDS]
     return "; ".join(diff) or "block counts"
 
 

@@ -16,6 +16,8 @@ TRAINING_SHORT_SIDE = 321
 # photo's rain is seen at the scale the head learned it (benchmarks/perception_scale.py)
 HEAD_VIEW_SHORT = TRAINING_SHORT_SIDE
 EXPERT_SCOPES = ("bottleneck", "network")
+# the config fields that only say how a model runs, not which tensors it has (CLIPRPNConfig.same_weights ignores them)
+INFERENCE_FIELDS = ("passes", "head_view", "verify_light_mask", "verify_heavy_mask", "verify_light_ramp")
 
 
 def check_passes(passes) -> int:
@@ -115,10 +117,9 @@ class CLIPRPNConfig:
             raise ValueError("handover_network needs expert_scope 'network' (a whole network per expert)")
 
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
-        """True when the two configs describe the same tensors (they may differ in ``passes``, ``head_view``,
-        ``verify_light_mask``, ``verify_heavy_mask`` and ``verify_light_ramp``)."""
-        return replace(self, passes=other.passes, head_view=other.head_view, verify_light_mask=other.verify_light_mask,
-                       verify_heavy_mask=other.verify_heavy_mask, verify_light_ramp=other.verify_light_ramp) == other
+        """True when the two configs describe the same tensors (they may differ in the inference settings
+        :data:`INFERENCE_FIELDS`)."""
+        return replace(self, **{name: getattr(other, name) for name in INFERENCE_FIELDS}) == other
 
     @property
     def scale_factor(self) -> int:

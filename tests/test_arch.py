@@ -432,9 +432,11 @@ def test_replace_network_experts_grows_a_shallower_source_to_the_base(tiny_model
     m2 = replace_network_experts(base, {0: mixed})
     assert (m2.config.middle_blocks, m2.config.expert_blocks, m2.config.dec_blocks) == (
         c.middle_blocks + 1, c.expert_blocks + 1, deeper.config.dec_blocks)
-    wider = CLIPRPN(dc_replace(c, widths=tuple(2 * w for w in c.widths)))
-    with pytest.raises(ValueError, match="differs in more than block counts.*widths"):
+    # the refusal names what is wrong (the widths), not the inference settings the source also differs in
+    wider = CLIPRPN(dc_replace(c, widths=tuple(2 * w for w in c.widths), passes=c.passes + 1))
+    with pytest.raises(ValueError, match="differs in more than block counts.*widths") as refused:
         replace_network_experts(base, {0: wider})
+    assert "passes" not in str(refused.value)
 
 
 @pytest.mark.parametrize("scope", ["bottleneck", "network"])
