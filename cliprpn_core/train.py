@@ -36,6 +36,9 @@ class TrainConfig:
     init: str = ""  # start from these model weights (safetensors) instead of random
     grow: bool = False  # init may have fewer blocks than `model`: the added blocks start as the identity
     grown_lr_scale: float = 1.0  # with grow: the added blocks learn at lr times this (they start from zero gates)
+    # blocks that are the identity in init (both residual scales zero) stay frozen, so the run keeps each network's
+    # inference cost (they are skipped there); blocks that grow adds still train
+    keep_identity: bool = False
     trainable: list = field(default_factory=list)  # parameter-name prefixes to train (empty: all)
     misroute_fraction: float = 0.0  # share of samples routed by the model's own router, not their label
     route_all_to: int = -1  # >= 0: every sample goes through this one expert (the unrouted control; no misrouting)
@@ -239,6 +242,15 @@ class Trainer:
                                      f"{sorted({n.split('.')[0] for n in names})}")
             for n, p in self.model.named_parameters():
                 p.requires_grad_(any(under(n, pre) for pre in cfg.trainable))
+        if cfg.keep_identity:
+            if not cfg.init:
+                raise ValueError("keep_identity needs init: it keeps the blocks that are the identity in init frozen")
+            from .arch import Block
+            kept = [name for name, m in self.model.named_modules() if isinstance(m, Block)
+                    and f"{name}.beta" not in grown and not (m.beta.any() or m.gamma.any())]
+            for name in kept:
+                self.model.get_submodule(name).requires_grad_(False)
+            self.identity_kept = kept
         if not -1 <= cfg.route_all_to < self.model.config.num_experts:
             raise ValueError(f"route_all_to must be -1 (routing on) or an expert index 0..{self.model.config.num_experts - 1}, "
                              f"got {cfg.route_all_to}")

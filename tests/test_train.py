@@ -229,6 +229,30 @@ def test_grown_blocks_learn_at_their_own_rate_and_keep_it_on_resume(tmp_path, da
         Trainer(_cfg(tmp_path, data_dirs, **{**kw, "grown_lr_scale": 0.0}), progress=False)
 
 
+def test_keep_identity_freezes_the_identity_blocks_of_init_but_not_grown_ones(tmp_path, data_dirs):
+    """A continuation with keep_identity leaves init's identity blocks as they are (skipped at inference: the
+    network keeps its speed) and trains everything else, blocks that grow adds included; without it they learn."""
+    from cliprpn_core.checkpoint import save_model
+    src = _save_tiny(tmp_path / "small.safetensors")
+    with torch.no_grad():  # the middle block removed (the identity), as a run that keeps it removed leaves it
+        src.middle[0].beta.zero_()
+        src.middle[0].gamma.zero_()
+    save_model(src, tmp_path / "ident.safetensors")
+    kw = dict(steps=2, init=str(tmp_path / "ident.safetensors"), model={**TINY, "dec_blocks": [2]}, grow=True,
+              warmup_steps=0, lr=1e-2, min_lr=1e-2)
+    t = Trainer(_cfg(tmp_path, data_dirs, keep_identity=True, **kw), progress=False)
+    assert t.identity_kept == ["middle.0"]
+    changed = _same_start_then_fit(t, src, torch.eye(4)[:1])
+    assert not any(n.startswith("middle.0.") for n in changed)
+    assert t.model.middle[0].is_identity() and load_model(tmp_path / "run" / "model.safetensors").middle[0].is_identity()
+    assert any(n.startswith("decoders.0.1.") for n in changed)  # the grown block learned
+    assert any(n.startswith("experts.") for n in changed)
+    t2 = Trainer(_cfg(tmp_path / "b", data_dirs, **kw), progress=False)
+    assert any(n.startswith("middle.0.") for n in _same_start_then_fit(t2, src, torch.eye(4)[:1]))
+    with pytest.raises(ValueError, match="keep_identity needs init"):
+        Trainer(_cfg(tmp_path / "c", data_dirs, keep_identity=True), progress=False)
+
+
 def test_network_experts_training_moves_only_the_routed_expert(tmp_path, data_dirs):
     """Network-scope experts: training on one rain type (the heavy pairs, expert 1) changes nothing another uses."""
     src = _save_tiny(tmp_path / "small.safetensors")
