@@ -242,6 +242,7 @@ class Trainer:
                                      f"{sorted({n.split('.')[0] for n in names})}")
             for n, p in self.model.named_parameters():
                 p.requires_grad_(any(under(n, pre) for pre in cfg.trainable))
+        self.identity_kept: list[str] = []  # the blocks keep_identity froze
         if cfg.keep_identity:
             if not cfg.init:
                 raise ValueError("keep_identity needs init: it keeps the blocks that are the identity in init frozen")
