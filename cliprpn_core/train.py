@@ -248,7 +248,7 @@ class Trainer:
                 raise ValueError("keep_identity needs init: it keeps the blocks that are the identity in init frozen")
             from .arch import Block
             kept = [name for name, m in self.model.named_modules() if isinstance(m, Block)
-                    and f"{name}.beta" not in grown and not (m.beta.any() or m.gamma.any())]
+                    and f"{name}.beta" not in grown and m.is_identity()]
             for name in kept:
                 self.model.get_submodule(name).requires_grad_(False)
             self.identity_kept = kept
