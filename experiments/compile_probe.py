@@ -10,14 +10,17 @@ while timing and continues them after, so a background training run does not dis
 import argparse
 import os
 import signal
-import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from cliprpn_core import load_model
-from cliprpn_core.inference import cpu_tile_side
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.speed import timed  # noqa: E402
+from cliprpn_core import load_model  # noqa: E402
+from cliprpn_core.inference import cpu_tile_side  # noqa: E402
 
 
 def matching(pattern):
@@ -38,15 +41,6 @@ def signal_all(pids, sig):
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def timed(fn, x, repeats):
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out), min(out)
 
 
 def main():
@@ -74,8 +68,7 @@ def main():
     with torch.no_grad():
         compiled_fn(x)
     print(f"compile: {time.perf_counter() - t:.1f} s (tile {side} px, expert {a.expert})", flush=True)
-    eager(x), compiled_fn(x)
-    diff = (eager(x) - compiled_fn(x)).abs().max().item()
+    diff = (eager(x) - compiled_fn(x)).abs().max().item()  # also the warm-up of both
     paused = matching(a.pause) if a.pause else []
     print(f"pausing pids {paused}", flush=True)
     signal_all(paused, signal.SIGSTOP)
@@ -84,7 +77,7 @@ def main():
         rows = {}
         for _ in range(2):  # alternate, two rounds
             for name, fn in (("eager", eager), ("compiled", compiled_fn)):
-                med, best = timed(fn, x, a.repeats)
+                med, best = timed(lambda fn=fn: fn(x), a.repeats)
                 rows.setdefault(name, []).append((med / mp, best / mp))
     finally:
         signal_all(paused, signal.SIGCONT)
