@@ -27,18 +27,13 @@ sheet() {  # sheet NAME PHOTOS...
 for part in $PARTS; do
   case $part in
     clean)
-      GT=$(cd ../shared/data/rain100l/gt && pwd)
-      if [ ! -d runs/cleanpairs ]; then
-        mkdir -p runs/cleanpairs/rain runs/cleanpairs/gt
-        for f in $(ls "$GT" | head -30); do ln -s "$GT/$f" runs/cleanpairs/rain/$f; ln -s "$GT/$f" runs/cleanpairs/gt/$f; done
-      fi
+      experiments/scratch_sets.sh clean
       python -m benchmarks.evaluate "$M" --data runs --sets cleanpairs --threads "$T" | tee "$O/clean_$P.txt" ;;
     routed)
       python -m benchmarks.evaluate "$M" --sets rain100l heavy_test --threads "$T" | tee "$O/routed_$P.txt" ;;
     synthetic)
+      experiments/scratch_sets.sh synthetic
       for style in classic downpour; do
-        [ -e runs/synth_$style/labels.json ] || cliprpn synth ../shared/data/clean -o runs/synth_$style -n 160 \
-          --size 256 --seed 1234 --style $style
         python -m benchmarks.synthetic_regimes $S "$M" --set runs/synth_$style --threads "$T" \
           | tee "$O/synthetic_${style}_$P.txt"
       done ;;

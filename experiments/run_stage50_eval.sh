@@ -25,15 +25,7 @@ for part in $parts; do
   case $part in
     quality)
       python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads 2 | tee $O/routed_final.txt
-      GT=$(cd ../shared/data/rain100l/gt && pwd)  # scratch sets, made once (as experiments/eval_heavy_network.sh does)
-      if [ ! -d runs/cleanpairs ]; then
-        mkdir -p runs/cleanpairs/rain runs/cleanpairs/gt
-        for f in $(ls "$GT" | head -30); do ln -s "$GT/$f" runs/cleanpairs/rain/$f; ln -s "$GT/$f" runs/cleanpairs/gt/$f; done
-      fi
-      for style in classic downpour; do
-        [ -e runs/synth_$style/labels.json ] || cliprpn synth ../shared/data/clean -o runs/synth_$style -n 160 \
-          --size 256 --seed 1234 --style $style
-      done
+      experiments/scratch_sets.sh clean synthetic
       python -m benchmarks.evaluate $M --data runs --sets cleanpairs --threads 2 | tee $O/clean_final.txt
       for style in classic downpour; do
         python -m benchmarks.synthetic_regimes $S $M --set runs/synth_$style --threads 2 \
