@@ -17,13 +17,20 @@
 set -euo pipefail
 R=${R:-runs/stage50_light}; O=${O:-runs/stage50_cmp}; E=${E:-light_streaks}
 # S: the file compared against (default: the shipped one); M: the file judged (default: R's network assembled onto S)
-S=${S:-models/clip_rpn_default.safetensors}; M=${M:-$O/routed_final.safetensors}
+S=${S:-models/clip_rpn_default.safetensors}; M_GIVEN=${M:-}; M=${M:-$O/routed_final.safetensors}
 mkdir -p $O
-[ -e $M ] || python scripts/assemble_experts.py --base $S --expert $E=$R/model.safetensors -o $M
+# M is made when a part needs it (not for the curve alone, which may run mid-training), and made again when the run's
+# network is newer than it
+need_m() {
+  if [ ! -e $M ] || { [ -z "${M_GIVEN:-}" ] && [ $R/model.safetensors -nt $M ]; }; then
+    python scripts/assemble_experts.py --base $S --expert $E=$R/model.safetensors -o $M
+  fi
+}
 parts=${*:-rule curve}; parts=${parts//rule/quality speed}
 for part in $parts; do
   case $part in
     quality)
+      need_m
       python -m benchmarks.evaluate $M --sets rain100l heavy_test --threads 2 | tee $O/routed_final.txt
       experiments/scratch_sets.sh clean synthetic
       python -m benchmarks.evaluate $M --data runs --sets cleanpairs --threads 2 | tee $O/clean_final.txt
@@ -38,6 +45,7 @@ for part in $parts; do
           --out $O/changed_final.jpg --threads 2 | tee $O/changed_final.txt
       fi ;;
     speed)
+      need_m
       python experiments/speed_alternating.py $S $M --rounds 3 --expert $E | tee $O/speed_$E.txt
       for f in $S $M; do  # parameters and FLOPs per pixel of each network (light first)
         python -m benchmarks.speed --checkpoint $f --flops-only
@@ -49,6 +57,7 @@ for part in $parts; do
         python -m benchmarks.evaluate $C --sets ${CURVE_SET:-rain100l} --expert $E --threads 2 | tee $O/curve_$step.txt
       done ;;
     full)
+      need_m
       python -m benchmarks.evaluate $M --sets rain100l heavy_test --experts --check --self-ensemble --threads 2 \
         --json $O/full.json | tee $O/full.txt ;;
     *) echo "unknown part $part (rule quality speed curve full)" >&2; exit 2 ;;
