@@ -123,6 +123,22 @@ class MaskLoss(_Loss):
         return self._reduce(bce.mean((1, 2, 3)) + dice)
 
 
+class MaskScaleLoss(_Loss):
+    """Holds a mask's scale to a reference mask's: per image, the squared log ratio of the two mean rain masks
+    (sigmoid of the logits; ``eps`` keeps rain-free images, whose masks are near 0, from dominating). The light
+    verification reads exactly this mean, so a network trained with it keeps the scale the verification was fitted to
+    while its restoration changes."""
+
+    def __init__(self, loss_weight=1.0, reduction="mean", eps=1e-3):
+        super().__init__(loss_weight, reduction)
+        self.eps = eps
+
+    def forward(self, logits, ref_logits):
+        s = torch.sigmoid(logits.float()).mean((1, 2, 3))
+        r = torch.sigmoid(ref_logits.float()).mean((1, 2, 3))
+        return self._reduce(((s + self.eps).log() - (r + self.eps).log()).pow(2))
+
+
 class LoadBalanceLoss(_Loss):
     """Switch-Transformer load balance: E * sum_i f_i * P_i (1.0 when perfectly balanced)."""
 

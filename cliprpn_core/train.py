@@ -25,7 +25,7 @@ from .arch import CLIPRPN
 from .checkpoint import CheckpointError, load_state_checked, read_metadata, save_model
 from .config import CLIPRPNConfig
 from .imageio import atomic_write_bytes
-from .losses import LOSSES, PRESETS, LoadBalanceLoss, MaskLoss, build_schedule
+from .losses import LOSSES, PRESETS, LoadBalanceLoss, MaskLoss, MaskScaleLoss, build_schedule
 from .patterns import NUM_CLASSES
 
 
@@ -60,6 +60,11 @@ class TrainConfig:
     loss: dict = field(default_factory=lambda: dict(PRESETS["mix"]))  # or preset name in loss_preset
     loss_preset: str = ""
     mask_weight: float = 0.1
+    # a model file (the same expert scope): each sample's mean rain mask is held to that model's on the same input
+    # (losses.MaskScaleLoss, at this weight; 0: off). For a network whose mask scale something downstream was fitted
+    # to, such as the light verification's threshold
+    mask_anchor: str = ""
+    mask_anchor_weight: float = 0.0
     pattern_weight: float = 0.05
     router_weight: float = 0.05
     balance_weight: float = 0.0
@@ -269,6 +274,19 @@ class Trainer:
         self.schedule = build_schedule(cfg.loss).to(self.device)
         self.losses = {k: LOSSES[k]().to(self.device) for k in self.schedule.names}
         self.mask_loss = MaskLoss().to(self.device)
+        self.anchor = None
+        if cfg.mask_anchor_weight < 0:
+            raise ValueError(f"mask_anchor_weight must be >= 0, got {cfg.mask_anchor_weight}")
+        if cfg.mask_anchor_weight > 0:
+            if not cfg.mask_anchor:
+                raise ValueError("mask_anchor_weight > 0 needs mask_anchor (the model file whose masks are the anchor)")
+            from .checkpoint import load_model
+            anchor = load_model(cfg.mask_anchor)
+            if anchor.config.expert_scope != self.model_cfg.expert_scope:
+                raise CheckpointError(f"mask_anchor {cfg.mask_anchor} has expert scope {anchor.config.expert_scope!r}, "
+                                      f"this run {self.model_cfg.expert_scope!r}; anchor to a model of the same scope")
+            self.anchor = anchor.to(self.device).eval().requires_grad_(False)
+            self.mask_scale = MaskScaleLoss().to(self.device)
         self.balance = LoadBalanceLoss()
         params = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in grown]
         params += list(self.schedule.parameters())
@@ -368,6 +386,14 @@ class Trainer:
             ce = rce = bal = torch.zeros((), device=img.device)
         total = total + self.cfg.mask_weight * ml
         logs = {k: float(v.detach()) for k, v in terms.items()}
+        if self.anchor is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                                 enabled=self.amp_dtype is not None):
+                ref = self.anchor.estimate_mask(rainy, routing)
+            h, w = mlog.shape[-2:]
+            anchored = self.mask_scale(mlog.float(), ref[..., :h, :w].float())
+            total = total + self.cfg.mask_anchor_weight * anchored
+            logs["mask_anchor"] = float(anchored.detach())
         logs.update(mask=float(ml.detach()), pattern_ce=float(ce.detach()), router_ce=float(rce.detach()),
                     balance=float(bal.detach()), total=float(total.detach()))
         return total, terms, logs

@@ -482,3 +482,41 @@ def test_packed_pairs_read_as_clean_plus_layer(tmp_path):
         Image.fromarray(arr).save(tmp_path / name / sub / "x.png")
     orig, packed = PairedSource(tmp_path / "orig"), PairedSource(tmp_path / "packed")
     assert torch.equal(orig.rain[0], packed.rain[0]) and torch.equal(orig.gt[0], packed.gt[0])
+
+
+def test_mask_anchor_holds_the_mask_scale_to_the_anchor_model(tmp_path, data_dirs):
+    """mask_anchor: a run anchored to its own init has a zero anchor term at its first step; one anchored to another
+    model has a positive one, and training on it moves the mean mask towards the anchor's."""
+    from cliprpn_core.losses import MaskScaleLoss
+    _save_tiny(tmp_path / "init.safetensors")
+    init = str(tmp_path / "init.safetensors")
+    t = Trainer(_cfg(tmp_path / "same", data_dirs, steps=1, init=init, model={}, mask_anchor=init,
+                     mask_anchor_weight=1.0, pair_fraction=1.0), progress=False)
+    assert t.train_step()["mask_anchor"] == pytest.approx(0.0, abs=1e-10)
+    # an anchor whose masks are near 1 everywhere: the term is large and pulls the mean mask up
+    far = load_model(init)
+    with torch.no_grad():
+        for n, p in far.mask_estimator.named_parameters():
+            if n.endswith("bias"):
+                p.fill_(6.0)
+    from cliprpn_core.checkpoint import save_model
+    save_model(far, tmp_path / "far.safetensors")
+    t = Trainer(_cfg(tmp_path / "far", data_dirs, steps=1, init=init, model={}, mask_anchor=str(tmp_path / "far.safetensors"),
+                     mask_anchor_weight=5.0, pair_fraction=1.0, lr=1e-2, warmup_steps=0, mask_weight=0.0),
+                progress=False)
+    x = torch.rand(2, 3, 32, 32)
+    before = torch.sigmoid(t.model.estimate_mask(x)).mean()
+    logs = [t.train_step() for _ in range(5)]
+    assert logs[0]["mask_anchor"] > 0.1
+    assert torch.sigmoid(t.model.estimate_mask(x)).mean() > before
+    assert MaskScaleLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)) == 0
+
+
+def test_mask_anchor_refuses_a_missing_anchor_or_another_scope(tmp_path, data_dirs):
+    with pytest.raises(ValueError, match="needs mask_anchor"):
+        Trainer(_cfg(tmp_path, data_dirs, steps=1, mask_anchor_weight=1.0), progress=False)
+    _save_tiny(tmp_path / "init.safetensors")
+    from cliprpn_core.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="expert scope"):
+        Trainer(_cfg(tmp_path, data_dirs, steps=1, model={**TINY, "expert_scope": "network"},
+                     mask_anchor=str(tmp_path / "init.safetensors"), mask_anchor_weight=1.0), progress=False)
