@@ -12,12 +12,17 @@ The RainTrainL figure reproduces stage 41's (0.0486 for the shipped network); th
 (their minimum is 0.0466 for the shipped network, not 0.0304), so compare files with one another, not with 0.03.
 
   python experiments/light_mask_floor.py FILE [FILE ...] [--threads 2] [--crops 160] [--seed 7] [--real-only]
+      [--reference-only] [--json OUT.json]
+
+--reference-only skips the training draws (only the real and rain-free photos: how a network's mask scale moved
+where the verification sits); --json also writes every figure printed, per file, for scripts to read.
 
 FILE is a full model file (a network-scope model, e.g. the shipped one or a light network assembled onto it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -58,9 +63,14 @@ def floor3(v: float) -> float:
     return math.floor(v * 1000) / 1000
 
 
-def summary(vals: list[float]) -> str:
+def stats(vals: list[float]) -> dict:
     s = sorted(vals)
-    return f"n {len(s)}, min {s[0]:.4f}, 1st pct {s[max(0, len(s) // 100 - 1)]:.4f}, median {statistics.median(s):.4f}"
+    return {"n": len(s), "min": s[0], "pct1": s[max(0, len(s) // 100 - 1)], "median": statistics.median(s)}
+
+
+def summary(vals: list[float]) -> str:
+    t = stats(vals)
+    return f"n {t['n']}, min {t['min']:.4f}, 1st pct {t['pct1']:.4f}, median {t['median']:.4f}"
 
 
 def main(argv=None) -> int:
@@ -73,6 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--real-only", action="store_true",
                     help="only each real photo's mean light mask, one line per photo and one column per file (how "
                          "near the verification's threshold each photo sits)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="skip the training draws: only the real and rain-free photos' summaries")
+    ap.add_argument("--json", help="also write the figures to this JSON file ({file: {set: {n, min, pct1, median}}}, "
+                                   "plus 'floor' without --reference-only)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = Path(a.data)
@@ -84,18 +98,27 @@ def main(argv=None) -> int:
         for i, p in enumerate(real_files):
             print(p.name + " " + " ".join(f"{c[i]:.4f}" for c in cols))
         return 0
-    train = [read_image(f) for f in images_under(data / "rain100l_train" / "rain")]
-    crops = light_crops(data, a.crops, a.seed).rainy
+    ref_only = a.reference_only
+    train = [] if ref_only else [read_image(f) for f in images_under(data / "rain100l_train" / "rain")]
+    crops = None if ref_only else light_crops(data, a.crops, a.seed).rainy
     clean = [read_image(f) for f in images_under(data / "clean")][:60]
+    out = {}
     for f in a.files:
         d = Derainer(load_model(f))
-        tr, sy = light_mask_means(d, train), light_mask_means(d, crops)
+        res = out[f] = {}
         print(f"{f}")
-        print(f"  RainTrainL rain images (native size): {summary(tr)}")
-        print(f"  synthetic light-streak crops (256 px, seed {a.seed}): {summary(sy)}")
-        print(f"  smallest over both, floored to 3 decimals: {floor3(min(tr + sy)):.3f}")
-        print(f"  for reference, not fitted on: real photos {summary(light_mask_means(d, real))}; "
-              f"rain-free clean photos {summary(light_mask_means(d, clean))}", flush=True)
+        if not ref_only:
+            tr, sy = light_mask_means(d, train), light_mask_means(d, crops)
+            res.update(train_pairs=stats(tr), synthetic_crops=stats(sy), floor=floor3(min(tr + sy)))
+            print(f"  RainTrainL rain images (native size): {summary(tr)}")
+            print(f"  synthetic light-streak crops (256 px, seed {a.seed}): {summary(sy)}")
+            print(f"  smallest over both, floored to 3 decimals: {res['floor']:.3f}")
+        rl, cl = light_mask_means(d, real), light_mask_means(d, clean)
+        res.update(real_photos=stats(rl), rain_free_photos=stats(cl))
+        print(f"  for reference, not fitted on: real photos {summary(rl)}; rain-free clean photos {summary(cl)}",
+              flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
