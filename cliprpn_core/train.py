@@ -578,6 +578,7 @@ class Trainer:
 def train(cfg: TrainConfig, progress=True, on_trainer=None):
     """Train to ``cfg.out_dir`` and return the model path. ``on_trainer(trainer)`` is called after
     ``fit`` (also after Ctrl-C, which ``fit`` turns into a saved, resumable stop: ``trainer.interrupted``)."""
+    trainer = None
     try:
         trainer = Trainer(cfg, progress=progress)
         path = trainer.fit()
@@ -590,4 +591,10 @@ def train(cfg: TrainConfig, progress=True, on_trainer=None):
         return path
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if trainer is not None and trainer.net is not trainer.model:
+                # the DDP wrapper's reducer holds the process group: free it while the group is still alive, not at
+                # interpreter exit after the group is gone
+                trainer.net = trainer.model
+                import gc
+                gc.collect()
             torch.distributed.destroy_process_group()

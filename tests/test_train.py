@@ -127,18 +127,23 @@ def test_torchrun_two_cpu_processes(tmp_path, data_dirs):
             port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={port}",
-               "-m", "cliprpn_core.train_cli", f"out_dir={json.dumps(str(tmp_path / 'ddp'))}",
+               "-m", "cliprpn_core.train_cli", f"out_dir={json.dumps(str(tmp_path / f'ddp{attempt}'))}",
                f"clean_dirs={json.dumps([str(clean)])}", f"pair_dirs={json.dumps([str(pairs)])}",
                f"model={json.dumps({**TINY, 'passes': 2})}", "batch_size=2", "patch_size=32", "steps=3",
                "log_every=1", "device=\"cpu\"", "threads=1", "misroute_fraction=0.5"]
         r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
-        if r.returncode == 0 or "address already in use" not in r.stderr.lower():
+        port_taken = "address already in use" in r.stderr.lower()
+        # a worker has (rarely, on this 2-core CPU under load) aborted in the C++ teardown after its last step
+        # ("terminate called without an active exception", SIGABRT): tried once more, the run must then succeed
+        teardown_abort = "terminate called without an active exception" in r.stderr and "3/3" in r.stderr
+        if r.returncode == 0 or not (port_taken or teardown_abort):
             break
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    out = tmp_path / f"ddp{attempt}"  # each attempt a fresh run (a second one must not resume the first)
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3]  # only rank 0 logs
     # DDP with everything trained, two passes and misrouting decided inside the one forward
-    assert load_model(tmp_path / "ddp" / "model.safetensors").config.widths == (8, 16)
+    assert load_model(out / "model.safetensors").config.widths == (8, 16)
 
 
 def test_all_sources_mixed_and_norain_is_identity(tmp_path, data_dirs):
