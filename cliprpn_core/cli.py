@@ -210,6 +210,14 @@ def cmd_derain(args):
                     entry["verified"] = ("kept by the light-streaks network" if wh == 0 else
                                          f"handed to {to}: {handed}" if wl == 0 else
                                          f"shared: {handed}; {to} takes {wh:.2f} of it")
+            elif r.heavy_mask is not None and not torch.isnan(r.heavy_mask[0]):  # heavy routing was verified
+                hm = float(r.heavy_mask[0])
+                entry["heavy_mask"] = round(hm, 4)
+                wh = float(w[EXPERTS.index("heavy_streaks")])
+                seen = f"the heavy network's mask {hm:.4f} against the model's verify_heavy_mask"
+                entry["verified"] = (f"kept by the heavy-streaks network: {seen} finds heavy rain" if wh == 1 else
+                                     f"given to the light-streaks network: {seen} finds no heavy rain" if wh == 0 else
+                                     f"shared: {seen} gives the heavy-streaks network {wh:.2f} of it")
             report.append(entry)
             bar.update(1)
         bar.close()
@@ -359,7 +367,9 @@ def build_parser():
                    help="keep the light-streaks network for every image perception routes to it, also where that "
                         "network finds too little of the rain it knows (by default such an image, a downpour or rain "
                         "haze taken for light rain, goes to the heavy-streaks network: the model's "
-                        "verify_light_mask)")
+                        "verify_light_mask), and the heavy-streaks network for every image routed to it (a model "
+                        "with verify_heavy_routing gives an image in which that network finds little heavy rain to "
+                        "the light network, or shares it)")
     d.add_argument("--top-k", type=int_in(1, len(EXPERTS)), default=1, help=f"experts per image, 1..{len(EXPERTS)}")
     d.add_argument("--passes", type=int_in(1, MAX_PASSES, zero_ok=True), default=0,
                    help=f"restoration passes, 0..{MAX_PASSES} (0: the model's own setting; each pass restores the "

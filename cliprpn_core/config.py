@@ -17,7 +17,8 @@ TRAINING_SHORT_SIDE = 321
 HEAD_VIEW_SHORT = TRAINING_SHORT_SIDE
 EXPERT_SCOPES = ("bottleneck", "network")
 # the config fields that only say how a model runs, not which tensors it has (CLIPRPNConfig.same_weights ignores them)
-INFERENCE_FIELDS = ("passes", "head_view", "verify_light_mask", "verify_heavy_mask", "verify_light_ramp")
+INFERENCE_FIELDS = ("passes", "head_view", "verify_light_mask", "verify_heavy_mask", "verify_light_ramp",
+                    "verify_heavy_routing")
 
 
 def check_passes(passes) -> int:
@@ -75,6 +76,14 @@ class CLIPRPNConfig:
     # instead of switching it between networks. An image at or above it is kept, at no extra cost. 0 = off (a step at
     # verify_light_mask: handed over below it, kept at or above). Inference only, turned off with the verification.
     verify_light_ramp: float = 0.0
+    # perception's heavy routing verified by the heavy network's own mask (network scope, with verify_heavy_mask): an
+    # image routed to the heavy-streaks network alone is restored by it, and where that network's mean rain mask from
+    # its restoration pass is below verify_heavy_mask's hi, the light network restores it too and the two are mixed as
+    # a confirmed handover is: the heavy network's share w is 0 at or below lo, 1 at or above hi, linear between. Light
+    # rain that perception takes for heavy rain (the heavy network finds little of the rain it learned in it) gets the
+    # light network's restoration; an image at or above hi costs nothing more. False = heavy routing is kept as routed
+    # (older files). Inference only, turned off with the verification (DerainOptions(verify=False)).
+    verify_heavy_routing: bool = False
     # a network of its own for the light verification's handovers (network scope, with verify_light_mask): the photos
     # the light network hands over (photographed downpours, rain haze) are restored by this network instead of the
     # heavy-streaks network, so that the network perception routes heavy rain to can be trained on heavy rain alone
@@ -113,6 +122,9 @@ class CLIPRPNConfig:
             raise ValueError(f"verify_heavy_mask must be (lo, hi) with 0 <= lo <= hi < 1 ((0, 0): off), got {vh}")
         if self.expert_scope not in EXPERT_SCOPES:
             raise ValueError(f"expert_scope must be one of {EXPERT_SCOPES}, got {self.expert_scope!r}")
+        if self.verify_heavy_routing and not (self.expert_scope == "network" and vh[1] > 0):
+            raise ValueError("verify_heavy_routing needs expert_scope 'network' and verify_heavy_mask (lo, hi) with hi > 0 "
+                             f"(the heavy network's mask that confirms heavy routing), got {self.expert_scope!r} and {vh}")
         if self.handover_network and self.expert_scope != "network":
             raise ValueError("handover_network needs expert_scope 'network' (a whole network per expert)")
 

@@ -111,7 +111,8 @@ class DerainResult:
     seconds: float
     # per image: the light network's mean rain mask where light routing was verified (kept or handed over), else NaN
     light_mask: torch.Tensor | None = None
-    # per image: the heavy network's mean rain mask where a handover was confirmed by it (verify_heavy_mask), else NaN
+    # per image: the heavy network's mean rain mask where a handover was confirmed by it (verify_heavy_mask) or
+    # perception's heavy routing was verified by it (verify_heavy_routing), else NaN
     heavy_mask: torch.Tensor | None = None
     # every image restored by the network the light verification hands over to (DerainOptions.expert == HANDOVER)
     handover: bool = False
@@ -343,8 +344,8 @@ class DerainOptions:
     the same routing; the mask is the first pass's); ``check``: the expert check (see
     :meth:`Derainer.derain`) with its ``check_ratio``; ``work_side``: the working size (see WORK_SIDE; 0: full
     size), under which every other option applies to the image brought to that shorter side; ``verify``: the
-    model's verification of light routing (``config.verify_light_mask``; see :meth:`Derainer.derain`), on by default
-    where the model sets it."""
+    model's verification of light routing (``config.verify_light_mask``) and of heavy routing
+    (``config.verify_heavy_routing``; see :meth:`Derainer.derain`), on by default where the model sets them."""
     top_k: int = 1
     temperature: float = 1.0
     expert: int | str | None = None
@@ -410,8 +411,10 @@ class _Batch:
     mask: torch.Tensor | None  # [B,1,H',W'] padded, 0..1
     check: bool  # the expert check runs (never under a manual expert)
     verify: float = 0.0  # > 0: light routing verified at this light-network mask mean (automatic routing only)
+    verify_heavy: bool = False  # heavy routing verified by the heavy network's mask (config.verify_heavy_routing)
     light_mask: torch.Tensor | None = None  # [B] the light network's mean mask where verified, else NaN
-    heavy_mask: torch.Tensor | None = None  # [B] the heavy network's mean mask where a handover was confirmed, else NaN
+    # [B] the heavy network's mean mask where a handover was confirmed or heavy routing verified, else NaN
+    heavy_mask: torch.Tensor | None = None
 
 
 class _Steps:
@@ -561,6 +564,12 @@ class Derainer:
         its handovers restored by that network in place of the heavy-streaks network (the routing row still says
         heavy streaks; ``heavy_mask`` is the handover network's). An image kept costs nothing more, one handed over is restored twice
         (under the self-ensemble, an image shared between the two by 0 < w < 1 has every flip restored by both).
+        Heavy routing verified (``options.verify`` and a model with ``config.verify_heavy_routing``, whole-network
+        experts): an image routed to the heavy-streaks network alone is restored by it, and where the mean of that
+        network's own rain mask is below ``verify_heavy_mask``'s hi, the light network restores it too and the two are
+        mixed with the heavy network's share w as for a confirmed handover (the routing row carries w; ``heavy_mask``
+        in the result): light rain that perception takes for heavy rain gets the light network's restoration. An image
+        at or above hi costs nothing more; one below it is restored twice (every flip by both when 0 < w < 1).
         Only routing decided automatically is verified: perceived here, or given with a router's ranking (an Expert
         Router node without an override); never a manual expert, a routing given without a ranking, or under the
         expert check.
@@ -623,9 +632,10 @@ class Derainer:
         if mask is not None:
             mask = self._guide_mask(mask, b, h, w)
         cfg = self.model.config
-        verify = cfg.verify_light_mask if (opt.verify and automatic and not check and cfg.verify_light_mask > 0
-                                           and cfg.expert_scope == "network" and e > HEAVY) else 0.0
-        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify)
+        verifiable = opt.verify and automatic and not check and cfg.expert_scope == "network" and e > HEAVY
+        verify = cfg.verify_light_mask if verifiable and cfg.verify_light_mask > 0 else 0.0
+        verify_heavy = bool(verifiable and cfg.verify_heavy_routing)
+        return _Batch(rgb, alpha, c, h, w, routing, ranking, pattern, source, mask, check, verify, verify_heavy)
 
     def _guide_mask(self, mask, b, h, w) -> torch.Tensor:
         """A given rain mask [B,1,H,W] or [B,H,W] -> [B,1,H',W'] 0..1 at the padded image size."""
@@ -680,6 +690,7 @@ class Derainer:
             inp = xi if mi is None else torch.cat([xi, mi.to(xi)], 1)
             done = {}  # flips already restored (by the check), reused below
             shared = None  # the heavy network's share of a handover both networks restore, when 0 < share < 1
+            partner = None  # ... and the network that shares it with the light network
             net = self._handover_route() if opt.expert == HANDOVER else None  # what takes the whole image, when not routing
             if cands is not None:  # one expert per image: the first candidate, or the runner-up the check keeps
                 chosen, done = self._check_expert(inp, cands[i], opt.check_ratio, restore_flip, residual_rain)
@@ -701,7 +712,7 @@ class Derainer:
                         routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
                         if 0 < wh < 1:  # both networks restore the other flips: count the light network's runs
                             steps.total += n_tiles * (len(flips) - 1)
-                            shared = wh
+                            shared, partner = wh, self._handover_route()
                         done = {(): first if wh == 0 else heavy if wh == 1 else _mix(first, heavy, wh)}
                         net = self._handover_route() if wh == 1 else None
                     else:
@@ -709,6 +720,22 @@ class Derainer:
                         net = self._handover_route()
                 else:
                     done = {(): first}
+            elif batch.verify_heavy and bool((routing[i] == self._one_expert(HEAVY)[0]).all()):
+                heavy_net = self._one_expert(HEAVY).to(self.device)
+                heavy = restore_flip(inp, heavy_net, ())
+                hm = float(heavy[1].mean())
+                batch.heavy_mask[i] = hm
+                wh = handover_weight(hm, *self.model.config.verify_heavy_mask)
+                if wh < 1:  # too little of the rain the heavy network knows: the light network restores it too
+                    steps.total += n_tiles  # the light network's restoration is one run more
+                    light = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
+                    routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
+                    if wh > 0:  # both networks restore the other flips: count the light network's runs
+                        steps.total += n_tiles * (len(flips) - 1)
+                        shared, partner = wh, heavy_net
+                    done = {(): light if wh == 0 else _mix(light, heavy, wh)}
+                else:
+                    done = {(): heavy}
             # the routing row of a handover says "heavy streaks"; the network that restores it may be the handover one
             r = routing[i:i + 1].to(self.device) if net is None else net
             o = m = 0
@@ -717,7 +744,7 @@ class Derainer:
                     # a shared handover: each network restores the flip, their outputs weighted as for the
                     # unflipped image (a mixed routing would mix inside each pass)
                     done[dims] = _mix(restore_flip(inp, self._one_expert(LIGHT).to(self.device), dims),
-                                      restore_flip(inp, self._handover_route(), dims), shared)
+                                      restore_flip(inp, partner, dims), shared)
                 oi, mi_ = done.get(dims) or restore_flip(inp, r, dims)
                 o = o + oi / len(flips)
                 m = m + mi_ / len(flips)

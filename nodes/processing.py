@@ -64,8 +64,10 @@ def _verify_light_input():
                                     "(photographed downpours and rain haze taken for light rain; the model's "
                                     "verify_light_mask, a model without it is never verified); where the heavy "
                                     "network finds little of its rain either (a rain-free photo; the model's "
-                                    "verify_heavy_mask) the light network's result is kept or mixed in. Off: the "
-                                    "light network keeps every image routed to it. A forced expert is always kept.")
+                                    "verify_heavy_mask) the light network's result is kept or mixed in. With a model that "
+                                    "sets verify_heavy_routing, an image routed to heavy_streaks in which the heavy "
+                                    "network finds little of its rain gets the light network's result, or a mix. Off: "
+                                    "every image keeps the network it is routed to. A forced expert is always kept.")
 
 
 def perceive(handle: node_logic.ModelHandle, image: torch.Tensor) -> node_logic.RainPattern:

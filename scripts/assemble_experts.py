@@ -9,6 +9,7 @@ base's other networks were grown) is grown to the base's block counts the same w
       --expert light_streaks=runs/stage13_light/model.safetensors -o runs/assembled.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --head-view 128 -o runs/view.safetensors
   python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --verify-heavy-mask 0.1 0.2 -o F
+  python scripts/assemble_experts.py --base models/clip_rpn_default.safetensors --verify-heavy-routing on -o F
 
 --handover heavy_streaks gives the output a handover network (config.handover_network: the network the light
 verification's handovers go to) that is a copy of the base's heavy-streaks network as it is before any --expert is
@@ -69,6 +70,11 @@ def main(argv=None) -> int:
                          "falls linearly from 1 at verify_light_mask to 0 at B, so a light mask near the threshold "
                          "moves the restoration a little instead of switching networks; 0 = off); default: the base's. "
                          "Weights are unchanged")
+    ap.add_argument("--verify-heavy-routing", choices=("on", "off"), default=None,
+                    help="set the output's config.verify_heavy_routing (on: an image perception routes to the "
+                         "heavy-streaks network alone whose heavy mask is below verify_heavy_mask's HI is restored by "
+                         "the light network too and the two mixed as a confirmed handover is; needs verify_heavy_mask); "
+                         "default: the base's. Weights are unchanged")
     ap.add_argument("--handover", metavar="heavy_streaks|CKPT",
                     help="give the output a handover network (the network the light verification's handovers go to): "
                          "heavy_streaks = a copy of the base's heavy-streaks network before any --expert, CKPT = that "
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     base = load_model(a.base)
     if a.extract is not None:
         if (a.expert or a.head_view is not None or a.verify_light_mask is not None or a.verify_heavy_mask is not None
-                or a.verify_light_ramp is not None or a.handover is not None):
+                or a.verify_light_ramp is not None or a.verify_heavy_routing is not None or a.handover is not None):
             ap.error("--extract takes no --expert, --handover, --head-view or --verify-* option")
         e = HANDOVER if a.extract == HANDOVER else _expert_index(a.extract, base.config.num_experts)
         if e == -1:
@@ -122,7 +128,9 @@ def main(argv=None) -> int:
     given = {key: value for key, value in (
         ("head_view", a.head_view), ("verify_light_mask", a.verify_light_mask),
         ("verify_heavy_mask", None if a.verify_heavy_mask is None else tuple(a.verify_heavy_mask)),
-        ("verify_light_ramp", a.verify_light_ramp)) if value is not None}
+        ("verify_light_ramp", a.verify_light_ramp),
+        ("verify_heavy_routing", None if a.verify_heavy_routing is None else a.verify_heavy_routing == "on"))
+        if value is not None}
     try:  # all at once: the ramp is checked against the threshold it is given with
         model.config = replace(model.config, **given)
     except ValueError as e:

@@ -367,6 +367,18 @@ def test_network_experts_assembled_from_specialists(tmp_path, tiny_model):
                           "--verify-light-ramp", "0.02", "-o", str(tmp_path / "y.safetensors")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "verify_light_ramp must be" in bad.stderr and not (tmp_path / "y.safetensors").exists()
+    # heavy routing's verification: on with the heavy mask it is confirmed by, refused without one
+    out = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net2.safetensors"),
+                          "--verify-heavy-mask", "0.1", "0.2", "--verify-heavy-routing", "on",
+                          "-o", str(tmp_path / "net5.safetensors")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fifth = load_model(tmp_path / "net5.safetensors")
+    assert fifth.config.verify_heavy_routing and fifth.config.verify_heavy_mask == (0.1, 0.2)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fifth.state_dict().items())
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path / "net2.safetensors"),
+                          "--verify-heavy-routing", "on", "-o", str(tmp_path / "z.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "verify_heavy_routing needs" in bad.stderr and not (tmp_path / "z.safetensors").exists()
     with pytest.raises(ValueError, match="not a shared-network model"):
         replace_network_experts(again, {1: again})
 

@@ -94,6 +94,36 @@ def test_derain_no_verify_keeps_the_light_network(images, tmp_path, tiny_network
     assert "light_mask" not in routed[True] and "verified" not in routed[True]
 
 
+def test_derain_report_says_how_heavy_routing_was_verified(images, tmp_path, tiny_network_model):
+    import json
+    from dataclasses import replace
+
+    from cliprpn_core import save_model
+    m = tiny_network_model
+    with torch.no_grad():
+        m.router.linear.bias.copy_(torch.tensor([-9.0, 9.0, -9.0, -9.0]))  # perception routes to the heavy network
+    got = {}
+    for name, band in (("kept", (0.001, 0.002)), ("given", (0.99, 0.995)), ("shared", (0.0, 0.99))):
+        m.config = replace(m.config, verify_heavy_mask=band, verify_heavy_routing=True)
+        ck, out = tmp_path / f"{name}.safetensors", tmp_path / name
+        save_model(m, ck)
+        assert main(["derain", str(images / "img0.png"), "-o", str(out), "--checkpoint", str(ck), "--device", "cpu",
+                     "-q", "--report", str(out / "r.json")]) == 0
+        got[name] = json.loads((out / "r.json").read_text())["images"][0]
+    assert got["kept"]["routing"] == {"heavy_streaks": 1.0} and got["kept"]["verified"].startswith("kept by the heavy")
+    assert got["given"]["routing"] == {"light_streaks": 1.0} and got["given"]["verified"].startswith("given to the light")
+    hm = got["shared"]["heavy_mask"]
+    assert 0 < hm < 0.99 and got["shared"]["verified"].startswith("shared")
+    assert got["shared"]["routing"]["heavy_streaks"] == pytest.approx(hm / 0.99, abs=2e-4)
+    assert got["kept"]["heavy_mask"] == got["given"]["heavy_mask"] == hm and "light_mask" not in got["kept"]
+    # --no-verify: routed as perceived, no figure
+    assert main(["derain", str(images / "img0.png"), "-o", str(tmp_path / "nv"), "--checkpoint",
+                 str(tmp_path / "given.safetensors"), "--device", "cpu", "-q", "--no-verify",
+                 "--report", str(tmp_path / "nv.json")]) == 0
+    entry = json.loads((tmp_path / "nv.json").read_text())["images"][0]
+    assert entry["routing"] == {"heavy_streaks": 1.0} and "verified" not in entry and "heavy_mask" not in entry
+
+
 def test_derain_report_says_how_the_heavy_network_confirmed_a_handover(images, tmp_path, tiny_network_model):
     import json
     from dataclasses import replace

@@ -536,6 +536,101 @@ def test_verify_heavy_mask_is_stored_checked_and_not_part_of_the_weights(tmp_pat
     assert shared_network_of(m, 0).config.verify_heavy_mask == (0.0, 0.0)
 
 
+HEAVY_ROW = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+
+
+def test_verify_heavy_routing_gives_an_image_with_little_heavy_rain_to_the_light_network(verifying):
+    """With config.verify_heavy_routing an image routed to the heavy-streaks network alone is restored by it, and
+    where that network's mean mask is below verify_heavy_mask's hi the light network restores it too, the two mixed
+    with the heavy share of a confirmed handover (0 at lo, 1 at hi); the result gives the figure and the routing row
+    the shares. Turned off with the verification, never applied to manual, ranking-less or checked routing, and off
+    in a model that does not set it."""
+    from dataclasses import replace
+    d, x, light, means = verifying
+    heavy = d.derain(x, DerainOptions(expert=1))
+    hm = [float(heavy.masks[i].mean()) for i in range(2)]
+    row = dict(routing=HEAVY_ROW.expand(2, -1), ranking=HEAVY_ROW)
+    _set_config(d, verify_heavy_mask=(max(hm) + 1e-3, max(hm) + 2e-3))  # neither finds heavy rain, not yet on
+    off = d.derain(x, **row)
+    assert torch.allclose(off.images, heavy.images, atol=1e-6) and torch.isnan(off.heavy_mask).all()
+    _set_config(d, verify_heavy_routing=True)
+    r = d.derain(x, **row)  # both given to the light network
+    assert r.routing.argmax(1).tolist() == [0, 0] and r.routing.sum(1).tolist() == [1.0, 1.0]
+    assert torch.allclose(r.images, light.images, atol=1e-6) and torch.allclose(r.masks, light.masks, atol=1e-6)
+    assert torch.allclose(r.heavy_mask, torch.tensor(hm), atol=1e-6)  # the figure each decision was made on
+    assert torch.isnan(r.light_mask).all()  # light routing was not verified
+    _set_config(d, verify_heavy_mask=(min(hm) - 2e-3, min(hm) - 1e-3))  # both find heavy rain: kept
+    r = d.derain(x, **row)
+    assert r.routing.argmax(1).tolist() == [1, 1] and torch.allclose(r.images, heavy.images, atol=1e-6)
+    assert torch.allclose(r.heavy_mask, torch.tensor(hm), atol=1e-6)
+    i = hm.index(max(hm))
+    _set_config(d, verify_heavy_mask=(hm[i] - 0.75 * 1e-2, hm[i] + 0.25 * 1e-2))  # heavy share 0.75 for image i
+    r = d.derain(x[i:i + 1], routing=HEAVY_ROW, ranking=HEAVY_ROW)
+    assert torch.allclose(r.routing[0, :2], torch.tensor([0.25, 0.75]), atol=1e-5) and r.routing[0, 2:].eq(0).all()
+    assert torch.allclose(r.images[0], 0.25 * light.images[i] + 0.75 * heavy.images[i], atol=1e-5)
+    assert torch.allclose(r.masks[0], 0.25 * light.masks[i] + 0.75 * heavy.masks[i], atol=1e-5)
+    # the self-ensemble: each flip restored by both networks, weighted the same way; one progress bar that ends full
+    opt = DerainOptions(self_ensemble=True, tile=32, overlap=8)
+    hm_tiled = float(d.derain(x[i:i + 1], DerainOptions(expert=1, tile=32, overlap=8)).masks.mean())
+    _set_config(d, verify_heavy_mask=(hm_tiled - 0.75 * 1e-2, hm_tiled + 0.25 * 1e-2))
+    calls = []
+    r = d.derain(x[i:i + 1], opt, routing=HEAVY_ROW, ranking=HEAVY_ROW, progress=lambda k, n: calls.append((k, n)))
+    se = [d.derain(x[i:i + 1], replace(opt, expert=e)) for e in (0, 1)]
+    assert abs(float(r.routing[0, 1]) - 0.75) < 1e-4
+    assert torch.allclose(r.images, 0.25 * se[0].images + 0.75 * se[1].images, atol=1e-5)
+    assert calls[-1][0] == calls[-1][1] and all(k <= calls[-1][1] for k, _ in calls)
+    # perceived and routed inside derain (the router made to pick the heavy network): verified the same way
+    _set_config(d, verify_heavy_mask=(max(hm) + 1e-3, max(hm) + 2e-3))
+    with torch.no_grad():
+        d.model.router.linear.bias.copy_(torch.tensor([-9.0, 9.0, -9.0, -9.0]))
+    assert d.derain(x).routing.argmax(1).tolist() == [0, 0]
+    # never: turned off per call, a manual expert, routing given without a ranking, the expert check
+    for kw in (dict(options=DerainOptions(verify=False), **row), dict(options=DerainOptions(expert=1)),
+               dict(routing=HEAVY_ROW.expand(2, -1))):
+        r = d.derain(x, **kw)
+        assert r.routing.argmax(1).tolist() == [1, 1] and torch.isnan(r.heavy_mask).all(), kw
+        assert torch.allclose(r.images, heavy.images, atol=1e-6)
+    checked = d.derain(x, DerainOptions(check=True, check_ratio=1e-9), routing=torch.zeros(2, 4),
+                       ranking=torch.tensor([[1.0, 2.0, 0.0, 0.0]]))
+    assert checked.routing.argmax(1).tolist() == [1, 1] and torch.isnan(checked.heavy_mask).all()
+
+
+def test_verify_heavy_routing_mixes_with_the_heavy_network_not_the_handover_network(verifying):
+    """In a model with a handover network, heavy routing verified shares an image between the light network and
+    the heavy-streaks network (the one perception routed it to), never the handover network."""
+    from cliprpn_core.arch import with_handover_network
+    d, x, light, means = verifying
+    h = Derainer(with_handover_network(d.model), device="cpu", dtype="fp32")
+    with torch.no_grad():  # the heavy-streaks network changed: the handover network keeps the old one
+        for p in h.model.experts[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    heavy = h.derain(x, DerainOptions(expert=1))
+    hm = float(heavy.masks[0].mean())
+    _set_config(h, verify_heavy_mask=(hm - 0.5 * 1e-2, hm + 0.5 * 1e-2), verify_heavy_routing=True)
+    r = h.derain(x[:1], routing=HEAVY_ROW, ranking=HEAVY_ROW)
+    assert float(r.routing[0, 1]) == pytest.approx(0.5, abs=1e-4)
+    assert torch.allclose(r.images[0], 0.5 * light.images[0] + 0.5 * heavy.images[0], atol=1e-5)
+
+
+def test_verify_heavy_routing_is_stored_checked_and_not_part_of_the_weights(tmp_path, tiny_network_model, tiny_model):
+    from dataclasses import replace
+
+    from cliprpn_core import CLIPRPNConfig, load_model, save_model
+    from cliprpn_core.arch import shared_network_of
+    with pytest.raises(ValueError, match="verify_heavy_routing needs"):  # no heavy mask to confirm it by
+        replace(tiny_network_model.config, verify_heavy_routing=True)
+    with pytest.raises(ValueError, match="verify_heavy_routing needs"):  # a shared-network model
+        replace(tiny_model.config, verify_heavy_mask=(0.1, 0.2), verify_heavy_routing=True)
+    assert CLIPRPNConfig().verify_heavy_routing is False  # off in older files
+    m = tiny_network_model
+    cfg = replace(m.config, verify_heavy_mask=(0.1, 0.2), verify_heavy_routing=True)
+    assert cfg.same_weights(m.config) and m.config.same_weights(cfg)
+    m.config = cfg
+    save_model(m, tmp_path / "v.safetensors")
+    assert load_model(tmp_path / "v.safetensors").config.verify_heavy_routing is True
+    assert shared_network_of(m, 0).config.verify_heavy_routing is False
+
+
 def test_light_handover_share_is_a_step_or_a_ramp_above_the_threshold():
     from cliprpn_core.inference import light_handover_share as share
     assert share(0.0299, 0.03, 0.0) == 1.0 and share(0.03, 0.03, 0.0) == 0.0  # no ramp: the step of older files
