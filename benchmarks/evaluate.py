@@ -80,7 +80,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="also: routed with the expert check")
     ap.add_argument("--check-ratio", type=float, default=CHECK_RATIO, help="the expert check's residual-rain ratio")
     ap.add_argument("--no-verify", action="store_true",
-                    help="routed runs without the model's verification of light routing (config.verify_light_mask)")
+                    help="routed runs without the model's verification of light and heavy routing "
+                         "(config.verify_light_mask, config.verify_heavy_routing)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     a = ap.parse_args()
