@@ -421,8 +421,7 @@ class CLIPRPN(Restorer):
         self.pattern_head = PatternHead(cfg.head_width, cfg.head_size)
         self.router = ExpertRouter(cfg.num_experts)
         if cfg.expert_scope == "network":
-            one = replace(cfg, num_experts=1, expert_scope="bottleneck", handover_network=False,
-                  verify_heavy_routing=False)
+            one = cfg.one_network(num_experts=1)
             self.experts = nn.ModuleList([Restorer(one) for _ in range(cfg.num_experts)])
             if cfg.handover_network:
                 self.handover = Restorer(one)
@@ -670,8 +669,7 @@ def replace_network_experts(model: CLIPRPN, sources: dict) -> CLIPRPN:
     for e in sources:
         if not 0 <= e < cfg.num_experts:
             raise ValueError(f"expert {e} is out of range: the model has {cfg.num_experts} experts")
-    shared = replace(cfg, expert_scope="bottleneck", handover_network=False,
-                  verify_heavy_routing=False)
+    shared = cfg.one_network()
     differ = [s.config for s in sources.values() if s.config.expert_scope == "bottleneck"
               and not s.config.same_weights(shared)]
     if differ:
@@ -731,9 +729,7 @@ def shared_network_of(model: CLIPRPN, expert: int | str) -> CLIPRPN:
                 state[f"experts.{slot}.{rest[len('experts.0.'):]}"] = v.clone()
             else:
                 state[rest] = v.clone()
-    out = CLIPRPN(replace(cfg, expert_scope="bottleneck", verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0),
-                          verify_light_ramp=0.0, verify_heavy_routing=False,
-                          handover_network=False))
+    out = CLIPRPN(cfg.one_network(verify_light_mask=0.0, verify_heavy_mask=(0.0, 0.0), verify_light_ramp=0.0))
     out.load_state_dict(state)
     return out
 
@@ -749,9 +745,7 @@ def with_handover_network(model: CLIPRPN, source: CLIPRPN | None = None) -> CLIP
         raise ValueError("a handover network needs a model whose experts are whole networks (expert_scope 'network')")
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("handover.")}
     if source is not None:
-        _check_shared_source(source, replace(cfg, expert_scope="bottleneck", handover_network=False,
-                  verify_heavy_routing=False),
-                             "the handover network's source")
+        _check_shared_source(source, cfg.one_network(), "the handover network's source")
     # the heavy-streaks network's tensors, of the model itself or of the source (as a network-scope expert)
     heavy = state if source is None else shared_to_network_experts(source.state_dict(), [HANDOVER_SLOT])
     mine = f"experts.{HANDOVER_SLOT}."

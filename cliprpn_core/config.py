@@ -128,6 +128,13 @@ class CLIPRPNConfig:
         if self.handover_network and self.expert_scope != "network":
             raise ValueError("handover_network needs expert_scope 'network' (a whole network per expert)")
 
+    def one_network(self, **over) -> "CLIPRPNConfig":
+        """The config of one of a whole-network-expert model's networks as a shared-network model (``expert_scope``
+        "bottleneck"), with what only a whole-network-expert model can have turned off (the handover network, heavy
+        routing's verification), and ``over`` applied."""
+        return replace(self, **{"expert_scope": "bottleneck", "handover_network": False,
+                                "verify_heavy_routing": False, **over})
+
     def same_weights(self, other: "CLIPRPNConfig") -> bool:
         """True when the two configs describe the same tensors (they may differ in the inference settings
         :data:`INFERENCE_FIELDS`)."""

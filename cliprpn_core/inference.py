@@ -680,6 +680,16 @@ class Derainer:
             steps.advance(n_tiles)
             return v
 
+        def mixed(i, light, heavy, wh):
+            """Image i restored as (1 - wh) x ``light`` + wh x ``heavy`` (each its unflipped (image, mask)): its
+            routing row says so, and where the two networks share it (0 < wh < 1) both restore its other flips too
+            (counted here). -> (wh where shared, else None; {(): its unflipped result})"""
+            routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
+            both = 0 < wh < 1
+            if both:  # count the runs of the network that would not otherwise restore the other flips
+                steps.total += n_tiles * (len(flips) - 1)
+            return (wh if both else None), {(): light if wh == 0 else heavy if wh == 1 else _mix(light, heavy, wh)}
+
         outs, masks = [], []
         routing = batch.routing = batch.routing.clone()
         batch.light_mask = torch.full((b,), float("nan"))
@@ -709,11 +719,8 @@ class Derainer:
                         if hi > 0:
                             batch.heavy_mask[i] = hm
                         wh = (handover_weight(hm, lo, hi) if hi > 0 else 1.0) * share
-                        routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
-                        if 0 < wh < 1:  # both networks restore the other flips: count the light network's runs
-                            steps.total += n_tiles * (len(flips) - 1)
-                            shared, partner = wh, self._handover_route()
-                        done = {(): first if wh == 0 else heavy if wh == 1 else _mix(first, heavy, wh)}
+                        shared, done = mixed(i, first, heavy, wh)
+                        partner = self._handover_route()
                         net = self._handover_route() if wh == 1 else None
                     else:
                         routing[i] = self._one_expert(HEAVY)[0]
@@ -729,11 +736,8 @@ class Derainer:
                 if wh < 1:  # too little of the rain the heavy network knows: the light network restores it too
                     steps.total += n_tiles  # the light network's restoration is one run more
                     light = restore_flip(inp, self._one_expert(LIGHT).to(self.device), ())
-                    routing[i] = (1 - wh) * self._one_expert(LIGHT)[0] + wh * self._one_expert(HEAVY)[0]
-                    if wh > 0:  # both networks restore the other flips: count the light network's runs
-                        steps.total += n_tiles * (len(flips) - 1)
-                        shared, partner = wh, heavy_net
-                    done = {(): light if wh == 0 else _mix(light, heavy, wh)}
+                    shared, done = mixed(i, light, heavy, wh)
+                    partner = heavy_net
                 else:
                     done = {(): heavy}
             # the routing row of a handover says "heavy streaks"; the network that restores it may be the handover one
